@@ -1,0 +1,76 @@
+"""Inventory owns products, their stock, and what each order holds of it."""
+
+from django.db import models
+from django.db.models import Q
+
+
+class Product(models.Model):
+    sku = models.CharField(max_length=64, unique=True)
+    name = models.CharField(max_length=200)
+    price = models.DecimalField(max_digits=12, decimal_places=2)
+    stock = models.PositiveIntegerField(default=0)
+    active = models.BooleanField(default=True)
+    # Bumped on every change that reports must hear about, so a late event
+    # never overwrites a newer one (events may be delivered out of order).
+    version = models.PositiveIntegerField(default=1)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.CheckConstraint(condition=Q(stock__gte=0), name="product_stock_not_negative"),
+            models.CheckConstraint(condition=Q(price__gte=0), name="product_price_not_negative"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.sku} {self.name}"
+
+
+class OrderReservation(models.Model):
+    """Inventory's record of one order: the idempotency key of reserve and release.
+
+    Its first write claims the order id. `reserved` means the order's
+    StockReservation rows hold stock; `refused` keeps why nothing was
+    reserved; `released` means compensation ran here, before or after a
+    reservation, and any later reserve for this order is a no-op.
+    """
+
+    class Status(models.TextChoices):
+        NEW = "new"
+        RESERVED = "reserved"
+        REFUSED = "refused"
+        RELEASED = "released"
+
+    order_id = models.BigIntegerField(primary_key=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.NEW)
+    reason = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"order {self.order_id}: {self.status}"
+
+
+class StockReservation(models.Model):
+    """Units of one product held for one order; active until released."""
+
+    order_id = models.BigIntegerField(db_index=True)
+    product = models.ForeignKey(Product, on_delete=models.PROTECT, related_name="reservations")
+    quantity = models.PositiveIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    released_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["order_id", "product_id"]
+        constraints = [
+            models.UniqueConstraint(fields=["order_id", "product"], name="one_reservation_per_order_product"),
+            models.CheckConstraint(condition=Q(quantity__gt=0), name="reservation_quantity_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return f"order {self.order_id}: {self.quantity} × product {self.product_id}"
+
+    @property
+    def active(self) -> bool:
+        return self.released_at is None

@@ -1,0 +1,220 @@
+"""Inventory's writes: products, and reserving/releasing stock for orders.
+
+Reservation is all or nothing per order and cannot oversell: product rows are
+locked in primary-key order and every line is taken with a conditional
+``UPDATE … SET stock = stock - n WHERE stock >= n`` (the only guard on SQLite,
+where row locks do not exist), inside one transaction, and the database's
+CheckConstraint forbids negative stock whatever happens. Every write is keyed
+by order id through OrderReservation, so each step and undo is idempotent.
+"""
+
+import logging
+from collections.abc import Iterable, Mapping
+from decimal import Decimal
+from functools import partial
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from project.celery import app
+from project.db import service_db
+from project.errors import Conflict
+from project.saga import InvalidMessage, SagaAborted
+
+from .exceptions import StockRefused, UnknownProduct
+from .models import OrderReservation, Product, StockReservation
+
+logger = logging.getLogger(__name__)
+
+RESERVED = OrderReservation.Status.RESERVED
+REFUSED = OrderReservation.Status.REFUSED
+RELEASED = OrderReservation.Status.RELEASED
+
+
+def _db() -> str:
+    return service_db("inventory")
+
+
+# --- products ----------------------------------------------------------------
+
+
+def _announce(product: Product) -> None:
+    """Tell reports about the product once this transaction commits."""
+    event = {"product_id": product.pk, "sku": product.sku, "name": product.name, "version": product.version}
+    # robust: a broker outage must not turn a committed change into a 500; the
+    # reports row is also created by the first sale, and the next change
+    # re-announces the product.
+    transaction.on_commit(partial(app.send_task, "reports.product_sync", kwargs=event), using=_db(), robust=True)
+
+
+def product_create(*, sku: str, name: str, price: Decimal, stock: int = 0, active: bool = True) -> Product:
+    with transaction.atomic(using=_db()):
+        product = Product(sku=sku, name=name, price=price, stock=stock, active=active)
+        product.full_clean()
+        try:
+            product.save(using=_db())
+        except IntegrityError as exc:  # a concurrent create with the same sku
+            raise Conflict(f"a product with sku {sku!r} exists") from exc
+        _announce(product)
+    return product
+
+
+def product_update(*, product_id: int, **changes: Any) -> Product:
+    """Change name/sku/price/active; stock changes go through stock_adjust."""
+    allowed = {"sku", "name", "price", "active"}
+    unknown = set(changes) - allowed
+    if unknown:
+        raise ValueError(f"product_update cannot change {sorted(unknown)}")
+    with transaction.atomic(using=_db()):
+        product = Product.objects.using(_db()).select_for_update().filter(pk=product_id).first()
+        if product is None:
+            raise UnknownProduct(f"unknown product {product_id}")
+        for field, value in changes.items():
+            setattr(product, field, value)
+        product.version = F("version") + 1
+        product.full_clean(exclude=["version"])
+        product.save(using=_db())
+        product.refresh_from_db(using=_db())
+        _announce(product)
+    return product
+
+
+def stock_adjust(*, product_id: int, delta: int) -> Product:
+    """Add (or with a negative delta, remove) stock; never below zero."""
+    with transaction.atomic(using=_db()):
+        rows = Product.objects.using(_db()).filter(pk=product_id, stock__gte=max(0, -delta))
+        if not rows.update(stock=F("stock") + delta):
+            if not Product.objects.using(_db()).filter(pk=product_id).exists():
+                raise UnknownProduct(f"unknown product {product_id}")
+            raise StockRefused([f"cannot remove {-delta} units of product {product_id}: not in stock"])
+    return Product.objects.using(_db()).get(pk=product_id)
+
+
+# --- the saga step and its undo ------------------------------------------------
+
+
+class _Shortfall(Exception):
+    pass
+
+
+def parse_lines(lines: Any) -> dict[int, int]:
+    """JSON lines ``[{"product": id, "quantity": n}, …]`` → {product id: quantity}."""
+    if not isinstance(lines, list) or not lines:
+        raise InvalidMessage("lines must be a non-empty list")
+    wanted: dict[int, int] = {}
+    for line in lines:
+        if not isinstance(line, Mapping):
+            raise InvalidMessage(f"each line must be an object, got {line!r}")
+        product, quantity = line.get("product"), line.get("quantity")
+        for value in (product, quantity):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise InvalidMessage(f"product and quantity must be positive integers: {dict(line)!r}")
+        if product in wanted:
+            raise InvalidMessage(f"product {product} appears twice")
+        wanted[product] = quantity
+    return dict(sorted(wanted.items()))
+
+
+def _claim(order_id: int, status: str, reason: str = "") -> OrderReservation:
+    """Insert the order's record if absent, then lock and return it.
+
+    ON CONFLICT DO NOTHING makes two concurrent deliveries serialize on the
+    primary key: the second waits for the first to commit and then sees it.
+    """
+    OrderReservation.objects.using(_db()).bulk_create(
+        [OrderReservation(order_id=order_id, status=status, reason=reason)], ignore_conflicts=True
+    )
+    return OrderReservation.objects.using(_db()).select_for_update().get(order_id=order_id)
+
+
+def _shortfalls(wanted: dict[int, int]) -> list[str]:
+    products = {p.pk: p for p in Product.objects.using(_db()).select_for_update().filter(pk__in=wanted).order_by("pk")}
+    problems = []
+    for product_id, quantity in wanted.items():
+        product = products.get(product_id)
+        if product is None:
+            problems.append(f"unknown product {product_id}")
+        elif not product.active:
+            problems.append(f"product {product_id} ({product.sku}) is not on sale")
+        elif product.stock < quantity:
+            problems.append(f"insufficient stock for product {product_id}: wanted {quantity}, have {product.stock}")
+    return problems
+
+
+def _take(order_id: int, wanted: dict[int, int]) -> None:
+    for product_id, quantity in wanted.items():
+        taken = (
+            Product.objects.using(_db())
+            .filter(pk=product_id, active=True, stock__gte=quantity)
+            .update(stock=F("stock") - quantity)
+        )
+        if not taken:
+            raise _Shortfall(f"insufficient stock for product {product_id}: wanted {quantity}")
+    StockReservation.objects.using(_db()).bulk_create(
+        [StockReservation(order_id=order_id, product_id=p, quantity=q) for p, q in wanted.items()]
+    )
+
+
+def stock_reserve(*, order_id: int, lines: Iterable[Mapping[str, int]]) -> str:
+    """Reserve every line of the order, or none. Returns the order's status here.
+
+    Raises StockRefused (after recording why) when any line cannot be had, and
+    SagaAborted when the order was already released (the undo came first).
+    """
+    wanted = parse_lines(lines)
+    with transaction.atomic(using=_db()):
+        record = _claim(order_id, OrderReservation.Status.NEW)
+        if record.status == RESERVED:
+            return RESERVED  # a duplicate delivery: already done
+        if record.status == RELEASED:
+            raise SagaAborted(f"stock for order {order_id} was already released")
+        if record.status == REFUSED:
+            refusal = StockRefused(record.reason.split("; ") if record.reason else ["refused"])
+        else:
+            problems = _shortfalls(wanted)
+            if not problems:
+                try:
+                    with transaction.atomic(using=_db()):  # a savepoint: all lines or none
+                        _take(order_id, wanted)
+                except _Shortfall as exc:
+                    problems = [str(exc)]
+            record.status = REFUSED if problems else RESERVED
+            record.reason = "; ".join(problems)
+            record.save(using=_db(), update_fields=["status", "reason", "updated_at"])
+            if not problems:
+                return RESERVED
+            refusal = StockRefused(problems)
+    raise refusal
+
+
+def stock_release(*, order_id: int) -> str:
+    """Give back everything the order holds; leave a tombstone if it holds nothing.
+
+    Decided from the database, not from which step failed: safe to run at any
+    time, any number of times.
+    """
+    with transaction.atomic(using=_db()):
+        record = _claim(order_id, RELEASED)
+        if record.status == RESERVED:
+            now = timezone.now()
+            held = StockReservation.objects.using(_db()).filter(order_id=order_id, released_at=None)
+            for reservation in held.order_by("product_id"):
+                Product.objects.using(_db()).filter(pk=reservation.product_id).update(
+                    stock=F("stock") + reservation.quantity
+                )
+            held.update(released_at=now)
+        if record.status != RELEASED:
+            record.status = RELEASED
+            record.save(using=_db(), update_fields=["status", "updated_at"])
+    return RELEASED
+
+
+def stock_failure_note(*, order_id: int, reason: str) -> None:
+    """Keep why the inventory step failed for this order (the first reason wins)."""
+    with transaction.atomic(using=_db()):
+        record = _claim(order_id, REFUSED, reason)
+        if not record.reason:
+            record.reason = reason
+            record.save(using=_db(), update_fields=["reason", "updated_at"])

@@ -1,0 +1,60 @@
+"""The two chains of the order saga, built from task names (DESIGN §1).
+
+Services never import each other's tasks: a chain names each step
+(``inventory.stock_reserve``…) and `task_routes` puts each on its own service's
+queue as it is published (CELERY_NOTES 9), so no ``queue=`` is passed here.
+"""
+
+from celery import chain
+from celery.canvas import Signature
+
+from project.celery import app
+
+from .models import Order
+
+
+def _step(name: str, **kwargs) -> Signature:
+    # Immutable: a step gets its own JSON arguments, never the previous result.
+    return app.signature(name, kwargs=kwargs, immutable=True)
+
+
+def order_saga(order: Order) -> Signature:
+    """stock_reserve → sale_record → order_confirm, compensated on any failure.
+
+    The error callback is immutable and its task takes one positional
+    argument, so Celery publishes it through the broker to the orders queue
+    (durable, retried) instead of calling it inline in the failing worker,
+    where an exception would only be logged (CELERY_NOTES 2). Chains attach
+    it to every step (CELERY_NOTES 1).
+    """
+    lines = list(order.lines.all())
+    return chain(
+        _step(
+            "inventory.stock_reserve",
+            order_id=order.pk,
+            lines=[{"product": line.product_id, "quantity": line.quantity} for line in lines],
+        ),
+        _step(
+            "reports.sale_record",
+            order_id=order.pk,
+            lines=[
+                {
+                    "product": line.product_id,
+                    "quantity": line.quantity,
+                    "unit_price": str(line.unit_price),
+                    "product_name": line.product_name,
+                }
+                for line in lines
+            ],
+        ),
+        _step("orders.order_confirm", order_id=order.pk),
+    ).on_error(_step("orders.order_compensate", order_id=order.pk))
+
+
+def compensation_saga(order_id: int) -> Signature:
+    """sale_revert → stock_release → order_delete: each undo decides from its own data."""
+    return chain(
+        _step("reports.sale_revert", order_id=order_id),
+        _step("inventory.stock_release", order_id=order_id),
+        _step("orders.order_delete", order_id=order_id),
+    )

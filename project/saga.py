@@ -1,0 +1,124 @@
+"""What every saga step shares: the abort signal and the thin task wrapper.
+
+A step task parses its JSON arguments, calls one service function and maps
+what goes wrong (DESIGN §3):
+
+* `ApplicationError` (insufficient stock, unknown product, bad arguments):
+  the service's failure note records why, then the task fails at once, so
+  the chain stops and its immutable error callback (`orders.order_compensate`)
+  is published through the broker.
+* transient errors (database or broker unreachable): retried with
+  exponential backoff and full jitter, at most SAGA_STEP_MAX_RETRIES times;
+  the last failure is noted and fails the task like a business error.
+* `SagaAborted` (compensation already ran here for this order): the step is a
+  no-op and the chain stops without calling the error callback again.
+"""
+
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+from amqp.exceptions import ConnectionError as AMQPConnectionError
+from celery import Task
+from celery.exceptions import Ignore, Reject
+from django.conf import settings
+from django.db import InterfaceError, OperationalError
+from kombu.exceptions import OperationalError as BrokerOperationalError
+
+from project import faults
+from project.errors import ApplicationError
+
+logger = logging.getLogger("orderflow.saga")
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OperationalError,
+    InterfaceError,
+    BrokerOperationalError,
+    AMQPConnectionError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+class SagaAborted(Exception):
+    """The step arrived after its undo: do nothing and stop the chain."""
+
+
+class InvalidMessage(ApplicationError):
+    code = "invalid_message"
+
+
+def backoff_seconds(retries: int) -> float:
+    """Exponential backoff with full jitter, capped."""
+    ceiling = min(
+        settings.SAGA_RETRY_BACKOFF_MAX_SECONDS,
+        settings.SAGA_RETRY_BACKOFF_SECONDS * (2**retries),
+    )
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def order_id_arg(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidMessage(f"order_id must be a positive integer, got {value!r}")
+    return value
+
+
+class SagaStep(Task):
+    """Base class of saga step tasks: `run_step` does the work."""
+
+    # Redelivered after a worker crash; bounded so a step that always kills
+    # its worker ends in compensation instead of looping (CELERY_NOTES 6).
+    acks_late = True
+    reject_on_worker_lost = True
+    retry_on_worker_lost = True
+    max_retries = None  # bounded by SAGA_STEP_MAX_RETRIES in run_step
+    # Business errors are expected outcomes: logged without a traceback.
+    throws = (ApplicationError,)
+
+    #: service function that records why this step failed for an order,
+    #: so compensation can tell the user (keyword arguments order_id, reason).
+    failure_note: Callable[..., None] | None = None
+
+    def run_step(self, order_id: Any, call: Callable[[], Any]) -> Any:
+        try:
+            order_id = order_id_arg(order_id)
+        except InvalidMessage as exc:
+            # A poison message: refuse it once, loudly, without requeueing.
+            logger.error("%s rejected a malformed message %s: %s", self.name, self.request.id, exc)
+            raise Reject(str(exc), requeue=False) from exc
+        try:
+            faults.inject(self.name, order_id)
+            return call()
+        except SagaAborted as exc:
+            logger.info("%s for order %s skipped: %s", self.name, order_id, exc)
+            raise Ignore() from exc
+        except ApplicationError as exc:
+            logger.warning("%s for order %s failed: %s", self.name, order_id, exc)
+            self._note_failure(order_id, str(exc))
+            raise
+        except TRANSIENT_ERRORS as exc:
+            max_retries = settings.SAGA_STEP_MAX_RETRIES
+            if self.request.retries >= max_retries:
+                reason = f"{self.name} gave up after {max_retries} retries: {type(exc).__name__}: {exc}"
+                logger.error("order %s: %s", order_id, reason)
+                self._note_failure(order_id, reason)
+                raise
+            countdown = backoff_seconds(self.request.retries)
+            logger.warning(
+                "%s for order %s hit %s, retry %d in %.2fs",
+                self.name,
+                order_id,
+                type(exc).__name__,
+                self.request.retries + 1,
+                countdown,
+            )
+            raise self.retry(exc=exc, countdown=countdown, max_retries=max_retries) from exc
+
+    def _note_failure(self, order_id: int, reason: str) -> None:
+        if self.failure_note is None:
+            return
+        try:
+            type(self).failure_note(order_id=order_id, reason=reason)
+        except Exception:  # the failure itself must still propagate
+            logger.exception("%s could not record the failure of order %s", self.name, order_id)

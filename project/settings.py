@@ -1,0 +1,235 @@
+"""Settings for every orderflow process (web, workers, beat, Flower).
+
+Every deploy-time value comes from the environment (or a `.env` file beside
+manage.py); the defaults give the embedded shape: SQLite and kombu's
+`filesystem://` broker under `var/`, no servers. `.env.example` lists them all.
+"""
+
+import secrets
+from pathlib import Path
+
+import environ
+from kombu import Queue
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+if (BASE_DIR / ".env").is_file():
+    environ.Env.read_env(BASE_DIR / ".env")
+
+# Everything the embedded shape writes (database, broker folders, beat
+# schedule, generated secret) lives here.
+VAR_DIR = Path(env("ORDERFLOW_VAR_DIR", default=str(BASE_DIR / "var")))
+VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def _local_secret_key() -> str:
+    """A per-checkout secret, generated once and kept out of git in var/."""
+    path = VAR_DIR / "secret_key"
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(50))
+    return path.read_text().strip()
+
+
+SECRET_KEY = env("SECRET_KEY", default=None) or _local_secret_key()
+DEBUG = env.bool("DEBUG", default=False)
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "orders",
+    "inventory",
+    "reports",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "project.urls"
+WSGI_APPLICATION = "project.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Databases -------------------------------------------------------------
+# One database per service is possible (DESIGN §6): DATABASE_URL_INVENTORY and
+# DATABASE_URL_REPORTS move those services' tables to their own database;
+# unset, every service shares `default`. project.routers does the routing and
+# services name their alias through project.db.
+
+
+def _database(url: str, name: str) -> dict:
+    config = env.db_url_config(url)
+    config["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
+    config["CONN_HEALTH_CHECKS"] = True
+    if config["ENGINE"] == "django.db.backends.sqlite3":
+        # Web and several worker processes write concurrently: take the write
+        # lock at BEGIN (no lock upgrade deadlocks), wait for it instead of
+        # failing, and let readers run beside the writer (WAL).
+        config["OPTIONS"] = {
+            "transaction_mode": "IMMEDIATE",
+            "timeout": 30,
+            "init_command": "PRAGMA journal_mode=WAL",
+        }
+        # Worker subprocesses share the test database, so it must be a file.
+        config["TEST"] = {"NAME": str(VAR_DIR / f"test_{name}.sqlite3")}
+    return config
+
+
+DATABASES = {
+    "default": _database(env("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'orderflow.sqlite3'}"), "orderflow"),
+}
+SERVICE_DATABASES = {"orders": "default", "inventory": "default", "reports": "default"}
+for _service in ("inventory", "reports"):
+    _url = env(f"DATABASE_URL_{_service.upper()}", default=None)
+    if _url:
+        DATABASES[_service] = _database(_url, _service)
+        SERVICE_DATABASES[_service] = _service
+DATABASE_ROUTERS = ["project.routers.ServiceRouter"]
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = env("STATIC_ROOT", default=str(VAR_DIR / "static"))
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+
+# Request bodies above this are refused before they are parsed (413).
+DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("DATA_UPLOAD_MAX_MEMORY_SIZE", default=64 * 1024)
+
+# --- REST API --------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "PAGE_SIZE": 50,
+    "EXCEPTION_HANDLER": "project.errors.exception_handler",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+
+# --- Orders ----------------------------------------------------------------
+ORDER_MAX_LINES = env.int("ORDER_MAX_LINES", default=50)
+ORDER_MAX_QUANTITY = env.int("ORDER_MAX_QUANTITY", default=1000)
+# The sweeper re-dispatches a `pending` order whose last dispatch is older
+# than this, at most SAGA_MAX_ATTEMPTS times in all, then compensates it.
+SAGA_TIMEOUT_SECONDS = env.int("SAGA_TIMEOUT_SECONDS", default=60)
+SAGA_MAX_ATTEMPTS = env.int("SAGA_MAX_ATTEMPTS", default=3)
+SAGA_SWEEP_INTERVAL_SECONDS = env.float("SAGA_SWEEP_INTERVAL_SECONDS", default=15.0)
+# Transient errors (database, broker) are retried with exponential backoff
+# and full jitter: at most SAGA_STEP_MAX_RETRIES times, the delay capped.
+SAGA_STEP_MAX_RETRIES = env.int("SAGA_STEP_MAX_RETRIES", default=8)
+SAGA_RETRY_BACKOFF_SECONDS = env.float("SAGA_RETRY_BACKOFF_SECONDS", default=0.5)
+SAGA_RETRY_BACKOFF_MAX_SECONDS = env.float("SAGA_RETRY_BACKOFF_MAX_SECONDS", default=30.0)
+# Fault injection for tests and drills (project/faults.py); unset in production.
+ORDERFLOW_FAULTS_FILE = env("ORDERFLOW_FAULTS_FILE", default=None)
+
+# --- Celery ----------------------------------------------------------------
+SERVICE_QUEUES = ("orders", "inventory", "reports")
+CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="filesystem://")
+_BROKER_DIR = VAR_DIR / "broker"
+if CELERY_BROKER_URL.startswith("filesystem"):
+    for _sub in ("queue", "processed", "control"):
+        (_BROKER_DIR / _sub).mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        # One folder is both the in and the out box: every process on this
+        # machine shares the same queues.
+        "data_folder_in": str(_BROKER_DIR / "queue"),
+        "data_folder_out": str(_BROKER_DIR / "queue"),
+        "processed_folder": str(_BROKER_DIR / "processed"),
+        "control_folder": str(_BROKER_DIR / "control"),
+        "store_processed": False,
+        # The default of 1 s would cost up to a second per saga hop.
+        "polling_interval": env.float("FILESYSTEM_POLLING_INTERVAL", default=0.05),
+    }
+else:
+    # Publisher confirms: apply_async returns only once RabbitMQ has the message.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True}
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_QUEUES = [Queue(name, routing_key=name, durable=True) for name in SERVICE_QUEUES]
+CELERY_TASK_DEFAULT_QUEUE = "orders"
+CELERY_TASK_ROUTES = {f"{name}.*": {"queue": name, "routing_key": name} for name in SERVICE_QUEUES}
+CELERY_TASK_DEFAULT_DELIVERY_MODE = "persistent"
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+# A message is acknowledged only after its task finished; a worker that dies
+# mid-task has its message redelivered (steps are idempotent).
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+# Nothing reads task results: the database holds the saga's state.
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_SOFT_TIME_LIMIT = env.int("CELERY_TASK_SOFT_TIME_LIMIT", default=60)
+CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT", default=90)
+CELERY_WORKER_PREFETCH_MULTIPLIER = env.int("CELERY_WORKER_PREFETCH_MULTIPLIER", default=4)
+CELERY_WORKER_SEND_TASK_EVENTS = True
+CELERY_TASK_SEND_SENT_EVENT = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+CELERY_BEAT_SCHEDULE = {
+    "orders.saga_sweep": {
+        "task": "orders.saga_sweep",
+        "schedule": SAGA_SWEEP_INTERVAL_SECONDS,
+        # A sweep that could not run in time is replaced by the next one.
+        "options": {"expires": SAGA_SWEEP_INTERVAL_SECONDS},
+    },
+}
+
+# --- Logging ---------------------------------------------------------------
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
+    "loggers": {
+        "django.db.backends": {"level": "WARNING"},
+    },
+}

@@ -1,0 +1,127 @@
+"""Reports' writes: product rows from inventory's events, and sales from the saga.
+
+Every sale write is keyed by order id through ReportedOrder, so recording and
+reverting are idempotent and a revert that arrives first makes the record a no-op.
+"""
+
+from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from django.db import transaction
+from django.db.models import F
+
+from project.db import service_db
+from project.saga import InvalidMessage, SagaAborted
+
+from .models import ProductReport, ReportedOrder
+
+RECORDED = ReportedOrder.Status.RECORDED
+FAILED = ReportedOrder.Status.FAILED
+REVERTED = ReportedOrder.Status.REVERTED
+
+
+def _db() -> str:
+    return service_db("reports")
+
+
+def product_sync(*, product_id: int, name: str, version: int, **_: Any) -> None:
+    """Create or rename the product's report row, ignoring stale events."""
+    with transaction.atomic(using=_db()):
+        ProductReport.objects.using(_db()).bulk_create(
+            [ProductReport(product_id=product_id, product_name=name, name_version=version)],
+            ignore_conflicts=True,
+        )
+        ProductReport.objects.using(_db()).filter(product_id=product_id, name_version__lt=version).update(
+            product_name=name, name_version=version
+        )
+
+
+def parse_sale_lines(lines: Any) -> list[dict[str, Any]]:
+    """JSON ``[{"product", "quantity", "unit_price", "product_name"}, …]`` → counted lines."""
+    if not isinstance(lines, list) or not lines:
+        raise InvalidMessage("lines must be a non-empty list")
+    parsed = []
+    for line in lines:
+        if not isinstance(line, Mapping):
+            raise InvalidMessage(f"each line must be an object, got {line!r}")
+        product, quantity = line.get("product"), line.get("quantity")
+        for value in (product, quantity):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise InvalidMessage(f"product and quantity must be positive integers: {dict(line)!r}")
+        try:
+            unit_price = Decimal(str(line.get("unit_price")))
+        except InvalidOperation as exc:
+            raise InvalidMessage(f"unit_price is not a number: {dict(line)!r}") from exc
+        if not unit_price.is_finite() or unit_price < 0:
+            raise InvalidMessage(f"unit_price must be a non-negative number: {dict(line)!r}")
+        parsed.append(
+            {
+                "product": product,
+                "quantity": quantity,
+                "amount": str(unit_price * quantity),
+                "product_name": str(line.get("product_name") or f"product {product}"),
+            }
+        )
+    if len({line["product"] for line in parsed}) != len(parsed):
+        raise InvalidMessage("a product appears twice")
+    return sorted(parsed, key=lambda line: line["product"])
+
+
+def _claim(order_id: int, status: str, reason: str = "") -> ReportedOrder:
+    ReportedOrder.objects.using(_db()).bulk_create(
+        [ReportedOrder(order_id=order_id, status=status, reason=reason)], ignore_conflicts=True
+    )
+    return ReportedOrder.objects.using(_db()).select_for_update().get(order_id=order_id)
+
+
+def _count(lines: list[dict[str, Any]], sign: int) -> None:
+    for line in lines:  # sorted by product: a consistent lock order
+        ProductReport.objects.using(_db()).filter(product_id=line["product"]).update(
+            units_sold=F("units_sold") + sign * line["quantity"],
+            orders_count=F("orders_count") + sign,
+            revenue=F("revenue") + sign * Decimal(line["amount"]),
+        )
+
+
+def sale_record(*, order_id: int, lines: Any) -> str:
+    """Count the order's lines in the product totals, once."""
+    parsed = parse_sale_lines(lines)
+    with transaction.atomic(using=_db()):
+        record = _claim(order_id, ReportedOrder.Status.NEW)
+        if record.status == RECORDED:
+            return RECORDED
+        if record.status in (REVERTED, FAILED):
+            raise SagaAborted(f"the sale of order {order_id} was already {record.status}")
+        # A sale may arrive before the product's event: the row starts from the
+        # order's snapshot of the name, and the event (newer version) renames it.
+        ProductReport.objects.using(_db()).bulk_create(
+            [ProductReport(product_id=line["product"], product_name=line["product_name"]) for line in parsed],
+            ignore_conflicts=True,
+        )
+        _count(parsed, +1)
+        record.status = RECORDED
+        record.lines = [{k: line[k] for k in ("product", "quantity", "amount")} for line in parsed]
+        record.save(using=_db(), update_fields=["status", "lines", "updated_at"])
+    return RECORDED
+
+
+def sale_revert(*, order_id: int) -> str:
+    """Take the order out of the totals if it was counted; leave a tombstone either way."""
+    with transaction.atomic(using=_db()):
+        record = _claim(order_id, REVERTED)
+        if record.status == RECORDED:
+            _count(record.lines, -1)
+        if record.status != REVERTED:
+            record.status = REVERTED
+            record.save(using=_db(), update_fields=["status", "updated_at"])
+    return REVERTED
+
+
+def sale_failure_note(*, order_id: int, reason: str) -> None:
+    """Keep why the reports step failed for this order (the first reason wins)."""
+    with transaction.atomic(using=_db()):
+        record = _claim(order_id, FAILED, reason)
+        if not record.reason:
+            record.reason = reason
+            record.save(using=_db(), update_fields=["reason", "updated_at"])

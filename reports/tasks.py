@@ -1,0 +1,51 @@
+"""Reports' broker endpoints: count and uncount sales, follow product events."""
+
+import logging
+
+from celery import shared_task
+from celery.exceptions import Reject
+
+from project.saga import TRANSIENT_ERRORS, SagaStep, backoff_seconds
+
+from . import services
+
+logger = logging.getLogger(__name__)
+
+
+class ReportsStep(SagaStep):
+    failure_note = staticmethod(services.sale_failure_note)
+
+
+@shared_task(bind=True, base=ReportsStep, name="reports.sale_record")
+def sale_record(self, order_id, lines=None):
+    return self.run_step(order_id, lambda: services.sale_record(order_id=order_id, lines=lines))
+
+
+@shared_task(bind=True, base=ReportsStep, name="reports.sale_revert")
+def sale_revert(self, order_id):
+    return self.run_step(order_id, lambda: services.sale_revert(order_id=order_id))
+
+
+@shared_task(bind=True, name="reports.product_sync", acks_late=True, max_retries=10)
+def product_sync(self, product_id=None, name=None, version=None, **extra):
+    valid = (
+        isinstance(product_id, int)
+        and not isinstance(product_id, bool)
+        and product_id > 0
+        and isinstance(name, str)
+        and name
+        and isinstance(version, int)
+        and not isinstance(version, bool)
+        and version >= 0
+    )
+    if not valid:
+        logger.error(
+            "reports.product_sync rejected a malformed event %s: %r",
+            self.request.id,
+            {"product_id": product_id, "name": name, "version": version},
+        )
+        raise Reject("malformed product event", requeue=False)
+    try:
+        services.product_sync(product_id=product_id, name=name, version=version)
+    except TRANSIENT_ERRORS as exc:
+        raise self.retry(exc=exc, countdown=backoff_seconds(self.request.retries)) from exc
