@@ -177,6 +177,8 @@ _BROKER_DIR = VAR_DIR / "broker"
 if CELERY_BROKER_URL.startswith("filesystem"):
     for _sub in ("queue", "processed", "control"):
         (_BROKER_DIR / _sub).mkdir(parents=True, exist_ok=True)
+    # kombu's filesystem transport with atomic writes (see project/broker.py).
+    CELERY_BROKER_TRANSPORT = "project.broker:Transport"
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         # One folder is both the in and the out box: every process on this
         # machine shares the same queues.

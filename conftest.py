@@ -1,0 +1,209 @@
+"""Fixtures shared by every test: users, products, API clients, and real Celery workers.
+
+Saga tests (`@pytest.mark.saga`) run real `celery worker` processes, one per
+service queue, against the broker and database the settings name (SQLite +
+filesystem broker by default, PostgreSQL + RabbitMQ when DATABASE_URL and
+CELERY_BROKER_URL are set). The workers use pytest-django's test database.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from django.conf import settings
+from django.db import connections
+from rest_framework.test import APIClient
+
+from project.celery import app as celery_app
+
+BASE_DIR = Path(__file__).resolve().parent
+
+
+def wait_for(predicate: Callable[[], object], *, timeout: float = 30.0, interval: float = 0.05, what: str = ""):
+    """Poll `predicate` until it returns something truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+# --- data -------------------------------------------------------------------
+
+
+@pytest.fixture
+def user(django_user_model):
+    return django_user_model.objects.create_user(username="alice", password="alice-password-1")
+
+
+@pytest.fixture
+def other_user(django_user_model):
+    return django_user_model.objects.create_user(username="bob", password="bob-password-1")
+
+
+@pytest.fixture
+def staff_user(django_user_model):
+    return django_user_model.objects.create_user(username="staff", password="staff-password-1", is_staff=True)
+
+
+@pytest.fixture
+def make_product():
+    """make_product(stock=5, price="10.00", sku=None, name=None, active=True) through the service."""
+    from inventory import services
+
+    counter = iter(range(1, 1_000_000))
+
+    def make(*, stock: int = 10, price: str = "10.00", sku: str | None = None, name: str | None = None, active=True):
+        n = next(counter)
+        return services.product_create(
+            sku=sku or f"SKU-{os.getpid()}-{n}-{time.monotonic_ns()}",
+            name=name or f"Product {n}",
+            price=Decimal(price),
+            stock=stock,
+            active=active,
+        )
+
+    return make
+
+
+@pytest.fixture
+def api(user) -> APIClient:
+    client = APIClient()
+    client.force_authenticate(user)
+    return client
+
+
+@pytest.fixture
+def staff_api(staff_user) -> APIClient:
+    client = APIClient()
+    client.force_authenticate(staff_user)
+    return client
+
+
+# --- real workers --------------------------------------------------------------
+
+
+def _database_url(alias: str) -> str:
+    """A URL for the test database behind `alias`, for the worker processes."""
+    config = connections[alias].settings_dict
+    if config["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{config['NAME']}"
+    auth = quote(config["USER"] or "")
+    if config["PASSWORD"]:
+        auth += ":" + quote(config["PASSWORD"])
+    return f"postgres://{auth}@{config['HOST'] or '127.0.0.1'}:{config['PORT'] or 5432}/{config['NAME']}"
+
+
+def purge_queues() -> None:
+    with celery_app.connection_for_write() as connection:
+        channel = connection.default_channel
+        for queue in settings.CELERY_TASK_QUEUES:
+            queue(channel).declare()
+            queue(channel).purge()
+
+
+class Workers:
+    """The worker processes of a saga test session, and the faults they obey."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.faults_file = directory / "faults.json"
+        self.faults_file.write_text("{}")
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            DATABASE_URL=_database_url("default"),
+            ORDERFLOW_FAULTS_FILE=str(self.faults_file),
+            SAGA_STEP_MAX_RETRIES="3",
+            SAGA_RETRY_BACKOFF_SECONDS="0.05",
+            SAGA_RETRY_BACKOFF_MAX_SECONDS="0.2",
+            CONN_MAX_AGE="0",
+            PYTHONUNBUFFERED="1",
+        )
+        for alias in ("inventory", "reports"):
+            if alias in settings.DATABASES:
+                env[f"DATABASE_URL_{alias.upper()}"] = _database_url(alias)
+        return env
+
+    def log(self, queue: str) -> str:
+        return (self.directory / f"worker-{queue}.log").read_text(errors="replace")
+
+    def start(self, queue: str, concurrency: int = 2) -> None:
+        log = open(self.directory / f"worker-{queue}.log", "ab")  # noqa: SIM115 (closed with the process)
+        self.processes[queue] = subprocess.Popen(
+            [
+                sys.executable, "-m", "celery", "-A", "project", "worker",
+                "-Q", queue, "-n", f"{queue}-test@%h", "-c", str(concurrency),
+                "-l", "INFO", "--without-gossip", "--without-mingle",
+            ],
+            cwd=BASE_DIR, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+    def wait_ready(self, queue: str, timeout: float = 60) -> None:
+        process = self.processes[queue]
+
+        def ready():
+            if process.poll() is not None:
+                pytest.fail(f"worker for {queue} exited with {process.returncode}:\n{self.log(queue)[-3000:]}")
+            return " ready." in self.log(queue)
+
+        wait_for(ready, timeout=timeout, what=f"the {queue} worker to start")
+
+    def stop(self, queue: str) -> None:
+        process = self.processes.pop(queue, None)
+        if process is None or process.poll() is not None:
+            return
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+    def set_faults(self, faults: dict) -> None:
+        tmp = self.faults_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(faults))
+        tmp.replace(self.faults_file)  # atomic: a worker never reads half a file
+
+    def clear_faults(self) -> None:
+        self.set_faults({})
+        for counter in self.directory.glob("faults.json.*.count"):
+            counter.unlink()
+
+
+@pytest.fixture(scope="session")
+def celery_workers(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Workers]:
+    """One real worker process per service queue, for the whole session."""
+    purge_queues()
+    workers = Workers(tmp_path_factory.mktemp("workers"))
+    try:
+        for queue in settings.SERVICE_QUEUES:
+            workers.start(queue)
+        for queue in settings.SERVICE_QUEUES:
+            workers.wait_ready(queue)
+        yield workers
+    finally:
+        for queue in list(workers.processes):
+            workers.stop(queue)
+
+
+@pytest.fixture
+def workers(celery_workers: Workers, transactional_db) -> Iterator[Workers]:
+    """Real workers, with committed data they can see, and no faults unless a test sets them."""
+    celery_workers.clear_faults()
+    yield celery_workers
+    celery_workers.clear_faults()
