@@ -6,10 +6,13 @@ Every API error body is ``{"code": str, "detail": str, "fields": {...}}``;
 
 from typing import Any
 
-from django.core.exceptions import PermissionDenied
-from django.http import Http404
+from django.core.exceptions import PermissionDenied, RequestDataTooBig
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.http import Http404, JsonResponse
+from django.views import defaults
 from rest_framework import exceptions, status
 from rest_framework.response import Response
+from rest_framework.serializers import as_serializer_error
 from rest_framework.views import exception_handler as drf_exception_handler
 
 
@@ -42,6 +45,12 @@ class Conflict(ApplicationError):
     http_status = status.HTTP_409_CONFLICT
 
 
+class RequestTooLarge(exceptions.APIException):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    default_detail = "The request body is larger than the server accepts."
+    default_code = "request_too_large"
+
+
 def error_body(code: str, detail: str, fields: dict[str, Any] | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"code": code, "detail": detail}
     if fields:
@@ -52,7 +61,13 @@ def error_body(code: str, detail: str, fields: dict[str, Any] | None = None) -> 
 def exception_handler(exc: Exception, context: dict) -> Response | None:
     if isinstance(exc, ApplicationError):
         return Response(error_body(exc.code, exc.message, exc.fields), status=exc.http_status)
-    if isinstance(exc, Http404):
+    if isinstance(exc, DjangoValidationError):
+        # A model's full_clean() in a service (e.g. a taken sku): a 400, not a 500.
+        exc = exceptions.ValidationError(as_serializer_error(exc))
+    elif isinstance(exc, RequestDataTooBig):
+        # Above DATA_UPLOAD_MAX_MEMORY_SIZE: refused unread, in the API's shape (else Django's HTML 400).
+        exc = RequestTooLarge()
+    elif isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, PermissionDenied):
         exc = exceptions.PermissionDenied()
@@ -67,3 +82,16 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
         code = exc.get_codes() if isinstance(exc, exceptions.APIException) else "error"
         response.data = error_body(str(code), str(detail))
     return response
+
+
+def not_found_view(request, exception=None):
+    """404 for URLs no view matched: the API's JSON shape under /api/, Django's page elsewhere."""
+    if request.path.startswith("/api/"):
+        return JsonResponse(error_body("not_found", "No such resource."), status=404)
+    return defaults.page_not_found(request, exception)
+
+
+def server_error_view(request):
+    if request.path.startswith("/api/"):
+        return JsonResponse(error_body("server_error", "The server failed; the error was logged."), status=500)
+    return defaults.server_error(request)

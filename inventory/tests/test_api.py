@@ -1,0 +1,203 @@
+"""The products REST API: read for any signed-in user, write for staff."""
+
+from decimal import Decimal
+
+import pytest
+from rest_framework.test import APIClient
+
+from inventory.models import Product
+
+pytestmark = pytest.mark.django_db
+
+PRODUCTS = "/api/products/"
+FIELDS = {"id", "sku", "name", "price", "stock", "active", "created_at", "updated_at"}
+
+
+def detail(product_id: int) -> str:
+    return f"{PRODUCTS}{product_id}/"
+
+
+def assert_error(response, status: int, *, code: str | None = None) -> dict:
+    assert response.status_code == status, response.content
+    body = response.json()
+    assert set(body) <= {"code", "detail", "fields"}
+    assert body["code"] and body["detail"]
+    if code is not None:
+        assert body["code"] == code
+    return body
+
+
+def snapshot(product: Product) -> tuple:
+    row = Product.objects.get(pk=product.pk)
+    return row.sku, row.name, row.price, row.stock, row.active, row.version
+
+
+# --- reads ---------------------------------------------------------------------
+
+
+def test_any_signed_in_user_lists_and_reads_products(api, make_product):
+    a = make_product(stock=3, price="2.50", sku="A-1", name="Apple")
+    b = make_product(stock=0)
+
+    listing = api.get(PRODUCTS)
+    one = api.get(detail(a.pk))
+
+    assert listing.status_code == 200
+    body = listing.json()
+    assert body["count"] == 2
+    assert [p["id"] for p in body["results"]] == [a.pk, b.pk]
+    assert set(body["results"][0]) == FIELDS
+    assert one.status_code == 200
+    assert {k: one.json()[k] for k in ("id", "sku", "name", "price", "stock", "active")} == {
+        "id": a.pk,
+        "sku": "A-1",
+        "name": "Apple",
+        "price": "2.50",
+        "stock": 3,
+        "active": True,
+    }
+
+
+def test_unknown_product_is_404(api, make_product):
+    product = make_product()
+    for product_id in (product.pk + 1000, 2**63, 10**30):
+        assert_error(api.get(detail(product_id)), 404, code="not_found")
+
+
+def test_anonymous_gets_401(make_product):
+    product = make_product()
+    anonymous = APIClient()
+
+    assert_error(anonymous.get(PRODUCTS), 401)
+    assert_error(anonymous.get(detail(product.pk)), 401)
+    assert_error(anonymous.post(PRODUCTS, {"sku": "X", "name": "x", "price": "1"}, format="json"), 401)
+
+
+# --- create --------------------------------------------------------------------
+
+
+def test_staff_creates_a_product(staff_api, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        response = staff_api.post(PRODUCTS, {"sku": "NEW-1", "name": "New", "price": "3.20", "stock": 7}, format="json")
+
+    assert response.status_code == 201, response.content
+    product = Product.objects.get(sku="NEW-1")
+    assert response.json()["id"] == product.pk
+    assert (product.name, product.price, product.stock, product.active) == ("New", Decimal("3.20"), 7, True)
+    assert len(callbacks) == 1  # reports hears about it once the product is committed
+
+
+def test_non_staff_may_not_write(api, make_product):
+    product = make_product(stock=3, name="Keep")
+
+    assert_error(api.post(PRODUCTS, {"sku": "NO-1", "name": "No", "price": "1.00"}, format="json"), 403)
+    assert_error(api.patch(detail(product.pk), {"name": "Changed", "stock_delta": 5}, format="json"), 403)
+
+    assert not Product.objects.filter(sku="NO-1").exists()
+    assert snapshot(product)[1:4] == ("Keep", Decimal("10.00"), 3)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"sku": "", "name": "x", "price": "1.00"},
+        {"sku": "has space", "name": "x", "price": "1.00"},
+        {"sku": "OK-1", "name": "", "price": "1.00"},
+        {"sku": "OK-1", "name": "x", "price": "-1.00"},
+        {"sku": "OK-1", "name": "x", "price": "abc"},
+        {"sku": "OK-1", "name": "x", "price": "1.00", "stock": -1},
+        {"sku": "OK-1", "name": "x", "price": "1.00", "stock": "5"},
+        {"sku": "OK-1", "name": "x", "price": "1.00", "stock": 1.5},
+    ],
+)
+def test_bad_product_bodies_are_400(staff_api, body):
+    response = staff_api.post(PRODUCTS, body, format="json")
+
+    assert_error(response, 400, code="invalid")
+    assert "fields" in response.json()
+    assert not Product.objects.exists()
+
+
+def test_a_taken_sku_is_refused_not_a_500(staff_api, make_product):
+    make_product(sku="TAKEN")
+    other = make_product(sku="OTHER", name="Other")
+
+    created = staff_api.post(PRODUCTS, {"sku": "TAKEN", "name": "Again", "price": "1.00"}, format="json")
+    renamed = staff_api.patch(detail(other.pk), {"sku": "TAKEN", "name": "Renamed"}, format="json")
+
+    for response in (created, renamed):
+        assert 400 <= response.status_code < 500
+        assert "sku" in assert_error(response, response.status_code)["fields"]
+    assert Product.objects.filter(sku="TAKEN").count() == 1
+    assert snapshot(other)[:2] == ("OTHER", "Other")
+
+
+# --- update --------------------------------------------------------------------
+
+
+def test_staff_updates_fields_and_stock(staff_api, make_product, django_capture_on_commit_callbacks):
+    product = make_product(stock=3, name="Old")
+    version = snapshot(product)[5]
+
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        response = staff_api.patch(
+            detail(product.pk), {"name": "New", "price": "4.00", "stock_delta": 2}, format="json"
+        )
+
+    assert response.status_code == 200, response.content
+    assert (response.json()["name"], response.json()["stock"]) == ("New", 5)
+    assert snapshot(product) == (product.sku, "New", Decimal("4.00"), 5, True, version + 1)
+    assert len(callbacks) == 1  # the rename reaches reports
+
+
+def test_stock_delta_below_zero_is_409_and_changes_nothing(staff_api, make_product):
+    product = make_product(stock=3, name="Keep", price="2.00")
+    before = snapshot(product)
+
+    response = staff_api.patch(
+        detail(product.pk), {"name": "Changed", "price": "9.99", "stock_delta": -4}, format="json"
+    )
+
+    assert_error(response, 409, code="insufficient_stock")
+    assert snapshot(product) == before
+
+
+def test_stock_delta_may_empty_the_stock(staff_api, make_product):
+    product = make_product(stock=3)
+
+    response = staff_api.patch(detail(product.pk), {"stock_delta": -3}, format="json")
+
+    assert response.status_code == 200
+    assert response.json()["stock"] == 0
+
+
+@pytest.mark.parametrize(
+    "body", [{"stock_delta": "1"}, {"stock_delta": 1.5}, {"stock_delta": True}, {"price": "-1"}, {"sku": "a b"}]
+)
+def test_bad_patches_are_refused(staff_api, make_product, body):
+    product = make_product(stock=3)
+    before = snapshot(product)
+
+    response = staff_api.patch(detail(product.pk), {"name": "Changed", **body}, format="json")
+
+    assert_error(response, 400, code="invalid")
+    assert snapshot(product) == before
+
+
+def test_stock_cannot_be_set_blindly(staff_api, make_product):
+    product = make_product(stock=3)
+    before = snapshot(product)
+
+    response = staff_api.patch(detail(product.pk), {"stock": 500}, format="json")
+
+    # not a writable field: only stock_delta changes stock, so it cannot race reservations
+    assert response.status_code == 200
+    assert response.json()["stock"] == 3
+    assert snapshot(product) == before
+
+
+def test_patch_of_an_unknown_product_is_404(staff_api, make_product):
+    product = make_product()
+    for product_id in (product.pk + 1000, 2**63):
+        assert_error(staff_api.patch(detail(product_id), {"name": "x"}, format="json"), 404)

@@ -1,0 +1,373 @@
+"""The orders REST API: placing, reading, listing and cancelling orders.
+
+In-process: the saga's on-commit publish never runs inside these tests'
+transactions, so orders stay `pending` unless a test drives the services.
+"""
+
+import json
+
+import pytest
+from django.conf import settings
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from orders import services
+from orders.models import CancelledOrder, Order, OrderLine
+
+pytestmark = pytest.mark.django_db
+
+ORDERS = "/api/orders/"
+
+
+def detail(order_id: int) -> str:
+    return f"{ORDERS}{order_id}/"
+
+
+def assert_error(response, status: int, *, code: str | None = None, fields: bool | None = None) -> dict:
+    """The API's one error shape: {"code", "detail"} and, for input errors, "fields"."""
+    assert response.status_code == status, response.content
+    assert response["Content-Type"] == "application/json"
+    body = response.json()
+    assert set(body) <= {"code", "detail", "fields"}
+    assert isinstance(body["code"], str) and body["code"]
+    assert isinstance(body["detail"], str) and body["detail"]
+    if code is not None:
+        assert body["code"] == code
+    if fields is True:
+        assert isinstance(body["fields"], dict) and body["fields"]
+    elif fields is False:
+        assert "fields" not in body
+    return body
+
+
+def assert_nothing_written() -> None:
+    assert Order.objects.count() == 0
+    assert OrderLine.objects.count() == 0
+
+
+@pytest.fixture
+def product(make_product):
+    return make_product(stock=10, price="2.50", name="Apple")
+
+
+def place(user, product, quantity=1) -> Order:
+    return services.order_create(user=user, lines=[{"product": product.pk, "quantity": quantity}]).order
+
+
+# --- POST /api/orders/ -----------------------------------------------------------
+
+
+def test_post_places_a_pending_order(api, product, user):
+    response = api.post(ORDERS, {"lines": [{"product": product.pk, "quantity": 3}]}, format="json")
+
+    assert response.status_code == 202, response.content
+    body = response.json()
+    order = Order.objects.get()
+    assert body["id"] == order.pk
+    assert body["status"] == "pending"
+    assert body["user"] == user.username
+    assert body["lines"] == [{"product": product.pk, "product_name": "Apple", "unit_price": "2.50", "quantity": 3}]
+    assert "Idempotent-Replayed" not in response
+    assert order.user == user
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"lines": None},
+        {"lines": "lines"},
+        {"lines": {"product": "P", "quantity": 1}},
+        {"lines": []},
+        {"lines": ["a line"]},
+        {"lines": [{"product": "P"}]},
+        {"lines": [{"quantity": 1}]},
+        {"lines": [{"product": "P", "quantity": 0}]},
+        {"lines": [{"product": "P", "quantity": -1}]},
+        {"lines": [{"product": "P", "quantity": 1.5}]},
+        {"lines": [{"product": "P", "quantity": "2"}]},
+        {"lines": [{"product": "P", "quantity": None}]},
+        {"lines": [{"product": "P", "quantity": True}]},
+        {"lines": [{"product": "P", "quantity": settings.ORDER_MAX_QUANTITY + 1}]},
+        {"lines": [{"product": "P", "quantity": 1}, {"product": "P", "quantity": 2}]},
+        {"lines": [{"product": "1", "quantity": 1}]},
+        {"lines": [{"product": 0, "quantity": 1}]},
+        {"lines": [{"product": 10_000_000, "quantity": 1}]},
+        {"lines": [{"product": 2**63, "quantity": 1}]},
+        {"lines": [{"product": 10**30, "quantity": 1}]},
+        [{"product": "P", "quantity": 1}],
+    ],
+)
+def test_post_refuses_bad_bodies_and_writes_nothing(api, product, body):
+    def resolve(value):
+        if isinstance(value, dict):
+            return {k: resolve(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [resolve(v) for v in value]
+        return product.pk if value == "P" else value
+
+    response = api.post(ORDERS, resolve(body), format="json")
+
+    assert_error(response, 400, code="invalid", fields=True)
+    assert_nothing_written()
+
+
+def test_post_refuses_an_inactive_product(api, make_product):
+    off = make_product(active=False)
+
+    response = api.post(ORDERS, {"lines": [{"product": off.pk, "quantity": 1}]}, format="json")
+
+    body = assert_error(response, 400, code="invalid", fields=True)
+    assert "not on sale" in body["fields"]["lines"]["0"]["product"][0]
+    assert_nothing_written()
+
+
+def test_post_names_the_bad_line_and_field(api, product):
+    response = api.post(
+        ORDERS,
+        {"lines": [{"product": product.pk, "quantity": 1}, {"product": product.pk + 1, "quantity": 0}]},
+        format="json",
+    )
+
+    body = assert_error(response, 400, fields=True)
+    assert "quantity" in body["fields"]["lines"]["1"]
+    assert_nothing_written()
+
+
+def test_post_refuses_too_many_lines(api, make_product):
+    products = [make_product() for _ in range(settings.ORDER_MAX_LINES + 1)]
+
+    response = api.post(ORDERS, {"lines": [{"product": p.pk, "quantity": 1} for p in products]}, format="json")
+
+    body = assert_error(response, 400, fields=True)
+    assert "lines" in body["fields"]
+    assert_nothing_written()
+
+
+def test_post_refuses_malformed_json(api, product):
+    response = api.post(ORDERS, '{"lines": [', content_type="application/json")
+
+    assert_error(response, 400, code="parse_error")
+    assert_nothing_written()
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type"),
+    [
+        ("lines=1", "application/x-www-form-urlencoded"),
+        ('{"lines": []}', "text/plain"),
+    ],
+)
+def test_post_refuses_other_content_types(api, product, data, content_type):
+    response = api.post(ORDERS, data, content_type=content_type)
+
+    assert_error(response, 415, code="unsupported_media_type")
+    assert_nothing_written()
+
+
+def test_post_refuses_an_oversized_body_unread(api, product):
+    body = json.dumps(
+        {"lines": [{"product": product.pk, "quantity": 1}], "padding": "x" * settings.DATA_UPLOAD_MAX_MEMORY_SIZE}
+    )
+    assert len(body) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+
+    response = api.post(ORDERS, body, content_type="application/json")
+
+    assert_error(response, 413, code="request_too_large", fields=False)
+    assert_nothing_written()
+
+
+def test_anonymous_requests_get_401(product, user):
+    order = place(user, product)
+    anonymous = APIClient()
+
+    for response in (
+        anonymous.post(ORDERS, {"lines": [{"product": product.pk, "quantity": 1}]}, format="json"),
+        anonymous.get(ORDERS),
+        anonymous.get(detail(order.pk)),
+        anonymous.post(f"{detail(order.pk)}cancel/"),
+    ):
+        assert_error(response, 401, code="not_authenticated")
+        # TokenAuthentication comes first, so DRF names the scheme (and answers 401, not 403)
+        assert response["WWW-Authenticate"] == "Token"
+    assert Order.objects.count() == 1
+
+
+def test_a_token_authenticates(user, product):
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+
+    response = client.post(ORDERS, {"lines": [{"product": product.pk, "quantity": 1}]}, format="json")
+
+    assert response.status_code == 202
+    bad = APIClient()
+    bad.credentials(HTTP_AUTHORIZATION="Token not-a-token")
+    assert_error(bad.get(ORDERS), 401)
+
+
+# --- Idempotency-Key -----------------------------------------------------------
+
+
+def test_idempotency_key_replays_the_same_order(api, product):
+    body = {"lines": [{"product": product.pk, "quantity": 2}]}
+
+    first = api.post(ORDERS, body, format="json", HTTP_IDEMPOTENCY_KEY="retry-1")
+    again = api.post(ORDERS, body, format="json", HTTP_IDEMPOTENCY_KEY="retry-1")
+
+    assert first.status_code == again.status_code == 202
+    assert again.json()["id"] == first.json()["id"]
+    assert again["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in first
+    assert Order.objects.count() == 1
+
+
+def test_idempotency_key_with_another_body_is_a_conflict(api, product):
+    api.post(ORDERS, {"lines": [{"product": product.pk, "quantity": 2}]}, format="json", HTTP_IDEMPOTENCY_KEY="k")
+
+    response = api.post(
+        ORDERS, {"lines": [{"product": product.pk, "quantity": 5}]}, format="json", HTTP_IDEMPOTENCY_KEY="k"
+    )
+
+    assert_error(response, 409, code="conflict")
+    assert Order.objects.count() == 1
+
+
+def test_an_overlong_idempotency_key_is_refused(api, product):
+    response = api.post(
+        ORDERS, {"lines": [{"product": product.pk, "quantity": 1}]}, format="json", HTTP_IDEMPOTENCY_KEY="k" * 256
+    )
+
+    assert_error(response, 400, fields=True)
+    assert_nothing_written()
+
+
+def test_idempotency_key_of_a_cancelled_order_answers_410(api, product, user):
+    body = {"lines": [{"product": product.pk, "quantity": 1}]}
+    first = api.post(ORDERS, body, format="json", HTTP_IDEMPOTENCY_KEY="gone").json()
+    services.order_compensate(order_id=first["id"], reason="went away")
+    services.order_delete(order_id=first["id"])
+
+    again = api.post(ORDERS, body, format="json", HTTP_IDEMPOTENCY_KEY="gone")
+
+    assert again.status_code == 410
+    assert again.json()["id"] == first["id"]
+    assert again.json()["status"] == "cancelled"
+    assert Order.objects.count() == 0
+
+
+# --- GET /api/orders/{id}/ ------------------------------------------------------
+
+
+def test_get_a_pending_order(api, product, user):
+    order = place(user, product, 2)
+
+    response = api.get(detail(order.pk))
+
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["id"], body["status"]) == (order.pk, "pending")
+    assert body["lines"][0]["quantity"] == 2
+
+
+def test_get_a_cancelled_order_is_410_with_the_reason(api, product, user):
+    order = place(user, product)
+    services.order_compensate(order_id=order.pk, reason="out of apples")
+    services.order_delete(order_id=order.pk)
+
+    response = api.get(detail(order.pk))
+
+    assert response.status_code == 410
+    body = response.json()
+    assert body["id"] == order.pk
+    assert body["status"] == "cancelled"
+    assert body["reason"] == "out of apples"
+    assert body["lines"][0]["product"] == product.pk
+
+
+def test_someone_elses_order_is_404(product, user, other_user):
+    order = place(user, product)
+    cancelled = place(user, product)
+    services.order_compensate(order_id=cancelled.pk, reason="x")
+    services.order_delete(order_id=cancelled.pk)
+    theirs = APIClient()
+    theirs.force_authenticate(other_user)
+
+    for path in (detail(order.pk), detail(cancelled.pk)):
+        assert_error(theirs.get(path), 404, code="not_found")
+        assert_error(theirs.post(f"{path}cancel/"), 404, code="not_found")
+    assert_error(theirs.get(detail(order.pk + 1000)), 404)
+    assert Order.objects.get(pk=order.pk).status == "pending"
+
+
+@pytest.mark.parametrize("order_id", [2**63 - 1, 2**63, 10**30])
+def test_an_id_beyond_the_column_is_404(api, order_id):
+    assert_error(api.get(detail(order_id)), 404, code="not_found")
+    assert_error(api.post(f"{detail(order_id)}cancel/"), 404, code="not_found")
+
+
+def test_staff_may_see_any_order(staff_api, product, user):
+    order = place(user, product)
+
+    assert staff_api.get(detail(order.pk)).status_code == 200
+
+
+# --- GET /api/orders/ -----------------------------------------------------------
+
+
+def test_list_shows_only_my_orders_and_staff_sees_all(api, staff_api, product, user, other_user):
+    mine = [place(user, product).pk for _ in range(2)]
+    theirs = place(other_user, product).pk
+
+    response = api.get(ORDERS)
+
+    assert response.status_code == 200
+    body = response.json()
+    assert {"count", "next", "previous", "results"} <= set(body)
+    assert sorted(o["id"] for o in body["results"]) == sorted(mine)
+    assert body["count"] == 2
+    staff = staff_api.get(ORDERS).json()
+    assert sorted(o["id"] for o in staff["results"]) == sorted([*mine, theirs])
+
+
+def test_list_filters_by_status(api, product, user):
+    pending = place(user, product).pk
+    confirmed = place(user, product).pk
+    services.order_confirm(order_id=confirmed)
+
+    assert [o["id"] for o in api.get(ORDERS, {"status": "confirmed"}).json()["results"]] == [confirmed]
+    assert [o["id"] for o in api.get(ORDERS, {"status": "pending"}).json()["results"]] == [pending]
+    assert api.get(ORDERS, {"status": "cancelling"}).json()["results"] == []
+
+
+def test_list_refuses_an_unknown_status(api):
+    body = assert_error(api.get(ORDERS, {"status": "shipped"}), 400, fields=True)
+    assert "status" in body["fields"]
+
+
+# --- POST /api/orders/{id}/cancel/ ----------------------------------------------
+
+
+def test_cancel_starts_compensation(api, product, user, django_capture_on_commit_callbacks):
+    order = place(user, product)
+    services.order_confirm(order_id=order.pk)
+
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        response = api.post(f"{detail(order.pk)}cancel/")
+
+    assert response.status_code == 202
+    assert response.json()["status"] == "cancelling"
+    order.refresh_from_db()
+    assert (order.status, order.cancel_reason) == ("cancelling", services.USER_CANCEL_REASON)
+    assert len(callbacks) == 1
+
+
+def test_cancel_of_a_cancelled_order_is_410(api, product, user):
+    order = place(user, product)
+    services.order_compensate(order_id=order.pk, reason="gone")
+    services.order_delete(order_id=order.pk)
+
+    response = api.post(f"{detail(order.pk)}cancel/")
+
+    assert response.status_code == 410
+    assert response.json()["status"] == "cancelled"
+    assert CancelledOrder.objects.count() == 1

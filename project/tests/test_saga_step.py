@@ -1,0 +1,328 @@
+"""The parts of project.saga and project.faults that need no worker.
+
+Eager mode does not behave like a worker for a saga (CELERY_NOTES 10), so
+the step tasks themselves are exercised with real workers in
+tests/test_saga.py; here are the pure parts, and `run_step`'s mapping of
+errors called directly on a registered task with a pushed request context.
+"""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from celery.exceptions import Ignore, Reject, Retry
+from django.db import OperationalError
+
+import inventory.tasks  # noqa: F401  (registers inventory.stock_reserve)
+from inventory.models import OrderReservation
+from project import faults
+from project.celery import app as celery_app
+from project.errors import ApplicationError
+from project.saga import InvalidMessage, SagaAborted, SagaStep, backoff_seconds, order_id_arg
+
+BASE_DIR = Path(__file__).resolve().parents[2]
+
+
+# --- backoff_seconds ---------------------------------------------------------
+
+
+@pytest.fixture
+def backoff(settings):
+    settings.SAGA_RETRY_BACKOFF_SECONDS = 0.5
+    settings.SAGA_RETRY_BACKOFF_MAX_SECONDS = 30.0
+
+
+@pytest.mark.parametrize("retries", range(12))
+def test_backoff_stays_within_its_jittered_exponential_window(backoff, retries):
+    ceiling = min(30.0, 0.5 * 2**retries)
+
+    samples = [backoff_seconds(retries) for _ in range(200)]
+
+    assert all(ceiling / 2 <= s <= ceiling for s in samples)
+
+
+def test_backoff_grows_then_is_capped(backoff):
+    def mean(retries: int) -> float:
+        return sum(backoff_seconds(retries) for _ in range(500)) / 500
+
+    # the ceiling doubles from 0.5 s up to retry 6, where the 30 s cap takes over
+    means = [mean(r) for r in range(7)]
+    assert all(later > earlier for earlier, later in itertools.pairwise(means))
+    assert max(backoff_seconds(50) for _ in range(500)) <= 30.0
+    assert min(backoff_seconds(50) for _ in range(500)) >= 15.0
+
+
+def test_backoff_is_jittered(backoff):
+    assert len({backoff_seconds(3) for _ in range(50)}) > 1
+
+
+def test_backoff_follows_settings(settings):
+    settings.SAGA_RETRY_BACKOFF_SECONDS = 0.05
+    settings.SAGA_RETRY_BACKOFF_MAX_SECONDS = 0.2
+
+    assert all(backoff_seconds(r) <= 0.2 for r in range(10) for _ in range(20))
+
+
+# --- order_id_arg -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [1, 42, 10**15])
+def test_order_id_arg_accepts_positive_integers(value):
+    assert order_id_arg(value) == value
+
+
+@pytest.mark.parametrize("value", [0, -1, True, False, None, "1", 1.0, 2.5, [1], {"id": 1}])
+def test_order_id_arg_rejects_everything_else(value):
+    with pytest.raises(InvalidMessage) as rejected:
+        order_id_arg(value)
+    assert repr(value) in str(rejected.value)
+
+
+def test_invalid_message_is_a_business_error():
+    # so a malformed message is never retried as if it were transient
+    assert issubclass(InvalidMessage, ApplicationError)
+    assert not issubclass(SagaAborted, ApplicationError)
+
+
+# --- run_step's mapping of outcomes --------------------------------------------
+
+
+@pytest.fixture
+def step(settings, monkeypatch):
+    """The real registered inventory.stock_reserve task, with a request context as a worker would give it."""
+    settings.SAGA_RETRY_BACKOFF_SECONDS = 0.5
+    settings.SAGA_RETRY_BACKOFF_MAX_SECONDS = 30.0
+    settings.ORDERFLOW_FAULTS_FILE = None
+    task = celery_app.tasks["inventory.stock_reserve"]
+    assert isinstance(task, SagaStep)
+    monkeypatch.setattr(task, "max_retries", 3)
+
+    def run(order_id, call, *, retries=0):
+        task.push_request(id="test-request", retries=retries)
+        try:
+            return task.run_step(order_id, call)
+        finally:
+            task.pop_request()
+
+    run.task = task
+    return run
+
+
+def reason(order_id: int) -> str:
+    return OrderReservation.objects.filter(order_id=order_id).values_list("reason", flat=True).first() or ""
+
+
+def test_run_step_returns_what_the_service_returns(step):
+    assert step(5, lambda: "done") == "done"
+
+
+@pytest.mark.parametrize("order_id", [0, "5", None, True])
+def test_run_step_rejects_a_malformed_order_id_without_requeue(step, order_id):
+    called = []
+
+    with pytest.raises(Reject) as rejected:
+        step(order_id, lambda: called.append(1))
+
+    assert rejected.value.requeue is False
+    assert called == []
+
+
+def test_run_step_turns_saga_aborted_into_ignore(step):
+    def aborted():
+        raise SagaAborted("undo came first")
+
+    with pytest.raises(Ignore):
+        step(5, aborted)
+
+
+@pytest.mark.django_db
+def test_run_step_notes_a_business_error_and_fails_at_once(step):
+    def refused():
+        raise ApplicationError("no stock for you")
+
+    with pytest.raises(ApplicationError):
+        step(6, refused)
+
+    assert reason(6) == "no stock for you"
+
+
+@pytest.mark.django_db
+def test_run_step_retries_a_transient_error_with_backoff(step, monkeypatch):
+    # Retry is replaced by a recorder: a real retry publishes to the broker,
+    # and what is under test is the decision and its countdown.
+    retried = []
+
+    def retry(*, exc, countdown, **options):
+        retried.append((type(exc), countdown, options.get("max_retries", step.task.max_retries)))
+        return Retry("retrying", exc)
+
+    monkeypatch.setattr(step.task, "retry", retry)
+
+    def transient():
+        raise OperationalError("database restarting")
+
+    with pytest.raises(Retry):
+        step(7, transient, retries=2)
+
+    ((exc_type, countdown, max_retries),) = retried
+    assert exc_type is OperationalError
+    assert 1.0 <= countdown <= 2.0  # 0.5 × 2² with full jitter in [ceiling/2, ceiling]
+    assert max_retries == 3
+    assert reason(7) == ""  # not a failure yet
+
+
+@pytest.mark.django_db
+def test_run_step_gives_up_after_the_last_retry_and_notes_why(step, monkeypatch):
+    monkeypatch.setattr(step.task, "retry", lambda **kw: pytest.fail("retried past the limit"))
+
+    def transient():
+        raise OperationalError("database gone")
+
+    with pytest.raises(OperationalError):
+        step(8, transient, retries=3)
+
+    assert reason(8) == "inventory.stock_reserve gave up after 3 retries: OperationalError: database gone"
+
+
+@pytest.mark.django_db
+def test_run_step_obeys_an_injected_fault(step, settings, tmp_path):
+    path = tmp_path / "faults.json"
+    path.write_text(json.dumps({"inventory.stock_reserve": {"action": "fail", "orders": [9]}}))
+    settings.ORDERFLOW_FAULTS_FILE = str(path)
+    called = []
+
+    with pytest.raises(faults.InjectedFault):
+        step(9, lambda: called.append(9))
+    step(10, lambda: called.append(10))
+
+    assert called == [10]
+    assert reason(9) == "injected failure in inventory.stock_reserve"
+
+
+@pytest.mark.django_db
+def test_run_step_injects_after_the_service_call_too(step, settings, tmp_path):
+    path = tmp_path / "faults.json"
+    path.write_text(json.dumps({"inventory.stock_reserve:after": {"action": "fail", "orders": [11]}}))
+    settings.ORDERFLOW_FAULTS_FILE = str(path)
+    called = []
+
+    with pytest.raises(faults.InjectedFault):
+        step(11, lambda: called.append(11))
+
+    assert called == [11]  # the service ran; the step failed after it
+
+
+# --- the fault injector -------------------------------------------------------
+
+
+@pytest.fixture
+def fault_file(settings, tmp_path):
+    path = tmp_path / "faults.json"
+    settings.ORDERFLOW_FAULTS_FILE = str(path)
+
+    def write(content) -> Path:
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+        return path
+
+    return write
+
+
+def test_no_faults_file_means_no_faults(settings):
+    settings.ORDERFLOW_FAULTS_FILE = None
+    faults.inject("reports.sale_record", 1)
+
+
+def test_a_missing_or_broken_faults_file_is_ignored(fault_file, settings, tmp_path):
+    settings.ORDERFLOW_FAULTS_FILE = str(tmp_path / "absent.json")
+    faults.inject("reports.sale_record", 1)
+    settings.ORDERFLOW_FAULTS_FILE = str(fault_file("{not json"))
+    faults.inject("reports.sale_record", 1)
+
+
+def test_fail_is_a_business_error_for_the_named_task_and_orders(fault_file):
+    fault_file({"reports.sale_record": {"action": "fail", "orders": [12, 13]}})
+
+    for order_id in (12, 13):
+        with pytest.raises(faults.InjectedFault) as raised:
+            faults.inject("reports.sale_record", order_id)
+        assert isinstance(raised.value, ApplicationError)
+    faults.inject("reports.sale_record", 14)
+    faults.inject("inventory.stock_reserve", 12)
+
+
+def test_fail_without_orders_hits_every_order(fault_file):
+    fault_file({"orders.order_confirm": {"action": "fail"}})
+
+    for order_id in (1, 2):
+        with pytest.raises(faults.InjectedFault):
+            faults.inject("orders.order_confirm", order_id)
+
+
+def test_times_limits_a_fault_per_order(fault_file):
+    fault_file({"reports.sale_record": {"action": "transient", "times": 2}})
+
+    for _ in range(2):
+        with pytest.raises(OperationalError):
+            faults.inject("reports.sale_record", 20)
+    faults.inject("reports.sale_record", 20)  # recovered
+    faults.inject("reports.sale_record", 20)
+    with pytest.raises(OperationalError):
+        faults.inject("reports.sale_record", 21)  # counted per order
+
+
+def test_without_times_a_fault_keeps_happening(fault_file):
+    fault_file({"reports.sale_record": {"action": "transient"}})
+
+    for _ in range(3):
+        with pytest.raises(OperationalError):
+            faults.inject("reports.sale_record", 30)
+
+
+def test_sleep_stalls_the_step(fault_file):
+    fault_file({"inventory.stock_release": {"action": "sleep", "seconds": 0.2}})
+
+    started = time.monotonic()
+    faults.inject("inventory.stock_release", 1)
+
+    assert time.monotonic() - started >= 0.2
+
+
+def test_a_fault_file_is_read_afresh_each_time(fault_file):
+    fault_file({"orders.order_delete": {"action": "fail"}})
+    with pytest.raises(faults.InjectedFault):
+        faults.inject("orders.order_delete", 1)
+
+    fault_file({})
+    faults.inject("orders.order_delete", 1)
+
+
+def test_exit_kills_the_process_at_once(tmp_path):
+    # Must not run in pytest's own process: a child python stands in for the worker.
+    path = tmp_path / "faults.json"
+    path.write_text(json.dumps({"orders.order_confirm": {"action": "exit", "orders": [3]}}))
+    script = (
+        "import django; django.setup()\n"
+        "from project import faults\n"
+        "faults.inject('orders.order_confirm', 4)\n"
+        "print('order 4 passed', flush=True)\n"
+        "faults.inject('orders.order_confirm', 3)\n"
+        "print('still alive', flush=True)\n"
+    )
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "project.settings",
+        "ORDERFLOW_FAULTS_FILE": str(path),
+    }
+
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=60
+    )
+
+    assert done.returncode == 1, done.stderr
+    assert "order 4 passed" in done.stdout
+    assert "still alive" not in done.stdout

@@ -1,0 +1,68 @@
+"""The sales read model over REST."""
+
+from decimal import Decimal
+
+import pytest
+from rest_framework.test import APIClient
+
+from reports import services
+
+pytestmark = pytest.mark.django_db
+
+REPORTS = "/api/reports/products/"
+
+
+def test_report_rows_have_the_documented_shape(api):
+    services.product_sync(product_id=301, name="Widget", version=1)
+    services.product_sync(product_id=302, name="Gadget", version=1)
+    services.sale_record(
+        order_id=1,
+        lines=[
+            {"product": 301, "quantity": 2, "unit_price": "2.50", "product_name": "Widget"},
+            {"product": 302, "quantity": 1, "unit_price": "4.00", "product_name": "Gadget"},
+        ],
+    )
+    services.sale_record(
+        order_id=2, lines=[{"product": 301, "quantity": 1, "unit_price": "2.50", "product_name": "Widget"}]
+    )
+
+    response = api.get(REPORTS)
+
+    assert response.status_code == 200
+    body = response.json()
+    assert body["count"] == 2
+    rows = body["results"]
+    assert {"product", "product_name", "units_sold", "orders_count", "revenue"} <= set(rows[0])
+    summary = [
+        (r["product"], r["product_name"], r["units_sold"], r["orders_count"], Decimal(r["revenue"])) for r in rows
+    ]
+    assert summary == [
+        (301, "Widget", 3, 2, Decimal("7.50")),
+        (302, "Gadget", 1, 1, Decimal("4.00")),
+    ]
+
+
+def test_a_reverted_sale_leaves_the_totals(api):
+    services.product_sync(product_id=303, name="Thing", version=1)
+    services.sale_record(
+        order_id=3, lines=[{"product": 303, "quantity": 2, "unit_price": "1.00", "product_name": "Thing"}]
+    )
+    services.sale_revert(order_id=3)
+
+    (row,) = api.get(REPORTS).json()["results"]
+
+    assert (row["units_sold"], row["orders_count"], Decimal(row["revenue"])) == (0, 0, Decimal("0"))
+
+
+def test_reports_need_a_signed_in_user():
+    response = APIClient().get(REPORTS)
+
+    assert response.status_code == 401
+    assert response.json()["code"] == "not_authenticated"
+
+
+def test_reports_are_read_only(staff_api):
+    response = staff_api.post(REPORTS, {"product": 1}, format="json")
+
+    assert response.status_code == 405
+    assert set(response.json()) <= {"code", "detail", "fields"}
