@@ -1,0 +1,192 @@
+# orderflow: set up, run and test from a fresh checkout (see README.md).
+#
+#   make run    .venv + requirements, migrate, seed, then web + workers + beat + Flower (Ctrl-C stops all)
+#   make test   .venv + requirements, then the whole test suite (PYTEST_ARGS="-x -k saga" narrows it)
+#
+# No target needs the virtualenv activated. Configuration is the environment,
+# then .env for what the environment leaves unset (the rule project/settings.py
+# follows too); .env.example lists every variable.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+# The run steps depend on each other's order (migrate before seed, ...).
+.NOTPARALLEL:
+
+# Resolved before PATH is changed below, so it never finds the venv's own python.
+ifndef PYTHON
+PYTHON := $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev/null)
+endif
+VENV := .venv
+PY := $(VENV)/bin/python
+# Touched after a successful install: requirements.txt newer than it means reinstall.
+STAMP := $(VENV)/.requirements-installed
+PYTEST_ARGS ?=
+
+export DJANGO_SETTINGS_MODULE := project.settings
+export PYTHONUNBUFFERED := 1
+# honcho's processes (gunicorn, celery) are found in the venv without activating it.
+export VIRTUAL_ENV := $(CURDIR)/$(VENV)
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: help install run test lint format migrate createdb collectstatic seed superuser clean distclean
+
+help:
+	@echo "make run        install, migrate, seed demo data, then run web + workers + beat + Flower"
+	@echo "                (PORT=$${PORT:-8000}, FLOWER_PORT=$${FLOWER_PORT:-5555}; Ctrl-C stops everything)"
+	@echo "make test       install, then run the test suite (PYTEST_ARGS=... passes options to pytest)"
+	@echo "make lint       ruff check + ruff format --check"
+	@echo "make format     ruff check --fix + ruff format"
+	@echo "make migrate    create the PostgreSQL database(s) if missing, migrate every database alias"
+	@echo "make clean      remove var/ (embedded database, broker folders, static files); keeps .venv"
+	@echo "make distclean  clean, and remove .venv"
+
+# --- the virtualenv ---------------------------------------------------------------
+
+$(PY):
+	@test -n "$(PYTHON)" || { echo "make: python3 not found; install Python 3.11 or pass PYTHON=/path/to/python3.11" >&2; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "make: orderflow needs Python 3.11 or newer; $(PYTHON) is %d.%d (pass PYTHON=...)" % sys.version_info[:2])'
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): requirements.txt | $(PY)
+	@echo "installing requirements.txt into $(VENV) (the first time takes a minute)"
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	@touch $@
+
+install: $(STAMP)
+
+# --- helpers (Python run with Django set up) -----------------------------------------
+
+# Prints `export KEY=value` for each .env entry the environment does not set,
+# so steps that read the environment themselves (createsuperuser, honcho's
+# processes) see .env the way Django does.
+define DOTENV_PY
+import os, shlex, environ
+before = set(os.environ)
+environ.Env.read_env(".env")
+for key in sorted(set(os.environ) - before):
+    print(f"export {key}={shlex.quote(os.environ[key])}")
+endef
+export DOTENV_PY
+LOAD_DOTENV = if [ -f .env ]; then eval "$$($(PY) -c "$$DOTENV_PY")"; fi
+
+define DB_ALIASES_PY
+import django
+django.setup()
+from django.conf import settings
+print(*settings.DATABASES)
+endef
+export DB_ALIASES_PY
+
+# CREATE DATABASE for every PostgreSQL alias whose database does not exist yet.
+define CREATEDB_PY
+import sys
+import django
+django.setup()
+from django.conf import settings
+for alias, db in settings.DATABASES.items():
+    if "postgresql" not in db["ENGINE"]:
+        continue
+    import psycopg2
+    from psycopg2 import sql
+    params = {key: db[name] for key, name in (("host", "HOST"), ("port", "PORT"), ("user", "USER"), ("password", "PASSWORD")) if db.get(name)}
+    params.update(db.get("OPTIONS") or {})
+    where = f"{db.get('HOST') or 'local socket'}:{db.get('PORT') or 5432}"
+    connection = None
+    for maintenance_db in ("postgres", "template1"):
+        try:
+            connection = psycopg2.connect(dbname=maintenance_db, **params)
+            break
+        except psycopg2.OperationalError as exc:
+            error = exc
+    if connection is None:
+        sys.exit(f"make: cannot reach PostgreSQL at {where} for the '{alias}' database: {str(error).strip()}\n(start PostgreSQL, or unset DATABASE_URL* to use SQLite)")
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", [db["NAME"]])
+        if cursor.fetchone() is None:
+            cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db["NAME"])))
+            print(f"created PostgreSQL database {db['NAME']} at {where} for '{alias}'")
+    connection.close()
+endef
+export CREATEDB_PY
+
+define SUPERUSER_EXISTS_PY
+import os
+import django
+django.setup()
+from django.contrib.auth import get_user_model
+User = get_user_model()
+name = os.environ["DJANGO_SUPERUSER_USERNAME"]
+print("yes" if User._default_manager.filter(**{User.USERNAME_FIELD: name}).exists() else "no")
+endef
+export SUPERUSER_EXISTS_PY
+
+# --- set-up steps -------------------------------------------------------------------
+
+createdb: install
+	@$(PY) -c "$$CREATEDB_PY"
+
+# Every alias in settings.DATABASES: default, plus inventory/reports when
+# DATABASE_URL_INVENTORY / DATABASE_URL_REPORTS split them out.
+migrate: createdb
+	@aliases="$$($(PY) -c "$$DB_ALIASES_PY")"; \
+	for alias in $$aliases; do \
+		echo "migrate --database=$$alias"; \
+		$(PY) manage.py migrate --database="$$alias" --noinput; \
+	done
+
+collectstatic: install
+	$(PY) manage.py collectstatic --noinput --verbosity 0
+
+seed: migrate
+	$(PY) manage.py seed_demo
+
+# Idempotent: createsuperuser --noinput fails when the user exists, so ask first.
+superuser: migrate
+	@$(LOAD_DOTENV); \
+	if [ -z "$${DJANGO_SUPERUSER_USERNAME:-}" ] && [ -z "$${DJANGO_SUPERUSER_PASSWORD:-}" ]; then \
+		echo "superuser: DJANGO_SUPERUSER_USERNAME/PASSWORD not set, none created (manage.py createsuperuser makes one)"; \
+	elif [ -z "$${DJANGO_SUPERUSER_USERNAME:-}" ] || [ -z "$${DJANGO_SUPERUSER_PASSWORD:-}" ]; then \
+		echo "superuser: set both DJANGO_SUPERUSER_USERNAME and DJANGO_SUPERUSER_PASSWORD; none created" >&2; \
+	else \
+		exists="$$($(PY) -c "$$SUPERUSER_EXISTS_PY")"; \
+		if [ "$$exists" = yes ]; then \
+			echo "superuser: $$DJANGO_SUPERUSER_USERNAME already exists"; \
+		else \
+			DJANGO_SUPERUSER_EMAIL="$${DJANGO_SUPERUSER_EMAIL:-}" $(PY) manage.py createsuperuser --noinput; \
+		fi; \
+	fi
+
+# --- the two commands -------------------------------------------------------------
+
+# honcho numbers PORT per process (base + 100 each), so web is the Procfile's
+# first line; .env is already merged into the environment, hence -e /dev/null.
+run: migrate collectstatic seed superuser
+	@$(LOAD_DOTENV); \
+	export PORT="$${PORT:-8000}" FLOWER_PORT="$${FLOWER_PORT:-5555}"; \
+	echo "orderflow: web http://127.0.0.1:$$PORT/ (/admin/, /api/, /healthz), Flower http://127.0.0.1:$$FLOWER_PORT/ -- Ctrl-C stops everything"; \
+	exec honcho start -f Procfile -e /dev/null -p "$$PORT"
+
+# var/test keeps the test database and broker folders away from a running `make run`.
+test: install
+	ORDERFLOW_VAR_DIR=$(CURDIR)/var/test $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	@status=0; \
+	$(VENV)/bin/ruff check . || status=1; \
+	$(VENV)/bin/ruff format --check . || status=1; \
+	exit $$status
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# --- cleaning ---------------------------------------------------------------------
+
+clean:
+	rm -rf var .pytest_cache .ruff_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
