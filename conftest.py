@@ -25,6 +25,8 @@ from rest_framework.test import APIClient
 from project.celery import app as celery_app
 
 BASE_DIR = Path(__file__).resolve().parent
+# The saga timeout the workers and beat use in tests that run the sweeper.
+SWEEP_TIMEOUT_SECONDS = 6
 
 
 def wait_for(predicate: Callable[[], object], *, timeout: float = 30.0, interval: float = 0.05, what: str = ""):
@@ -113,6 +115,32 @@ def purge_queues() -> None:
             queue(channel).purge()
 
 
+def _queued_messages() -> int:
+    with celery_app.connection_for_write() as connection:
+        channel = connection.default_channel
+        return sum(channel.queue_declare(queue=q, passive=True).message_count for q in settings.SERVICE_QUEUES)
+
+
+def _busy_workers() -> int:
+    inspect = celery_app.control.inspect(timeout=0.5)
+    busy = 0
+    for replies in (inspect.active(), inspect.reserved(), inspect.scheduled()):
+        busy += sum(len(tasks) for tasks in (replies or {}).values())
+    return busy
+
+
+def quiesce(timeout: float = 90) -> None:
+    """Wait until no message is queued, held or running anywhere (seen twice in a row)."""
+    idle = 0
+
+    def settled():
+        nonlocal idle
+        idle = idle + 1 if _queued_messages() == 0 and _busy_workers() == 0 else 0
+        return idle >= 2
+
+    wait_for(settled, timeout=timeout, interval=0.2, what="the workers to go idle")
+
+
 class Workers:
     """The worker processes of a saga test session, and the faults they obey."""
 
@@ -127,10 +155,15 @@ class Workers:
         env.update(
             DATABASE_URL=_database_url("default"),
             ORDERFLOW_FAULTS_FILE=str(self.faults_file),
-            SAGA_STEP_MAX_RETRIES="3",
+            SAGA_STEP_MAX_RETRIES="5",
             SAGA_RETRY_BACKOFF_SECONDS="0.05",
-            SAGA_RETRY_BACKOFF_MAX_SECONDS="0.2",
+            SAGA_RETRY_BACKOFF_MAX_SECONDS="1.0",
+            # Only matter where a test runs beat (the sweeper).
+            SAGA_TIMEOUT_SECONDS=str(SWEEP_TIMEOUT_SECONDS),
+            SAGA_SWEEP_INTERVAL_SECONDS="1",
+            SAGA_MAX_ATTEMPTS="3",
             CONN_MAX_AGE="0",
+            CELERY_WORKER_LOST_WAIT="1",
             PYTHONUNBUFFERED="1",
         )
         for alias in ("inventory", "reports"):
@@ -153,13 +186,13 @@ class Workers:
             start_new_session=True,
         )  # fmt: skip
 
-    def wait_ready(self, queue: str, timeout: float = 60) -> None:
+    def wait_ready(self, queue: str, timeout: float = 60, seen: int = 0) -> None:
         process = self.processes[queue]
 
         def ready():
             if process.poll() is not None:
                 pytest.fail(f"worker for {queue} exited with {process.returncode}:\n{self.log(queue)[-3000:]}")
-            return " ready." in self.log(queue)
+            return self.log(queue).count(" ready.") > seen
 
         wait_for(ready, timeout=timeout, what=f"the {queue} worker to start")
 
@@ -174,6 +207,50 @@ class Workers:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
 
+    def pid(self, queue: str) -> int:
+        return self.processes[queue].pid
+
+    def children(self, queue: str) -> list[int]:
+        """The pool processes (ForkPoolWorker-N) of a queue's worker."""
+        out = subprocess.run(["pgrep", "-P", str(self.pid(queue))], capture_output=True, text=True, check=False)
+        return [int(pid) for pid in out.stdout.split()]
+
+    def kill_children(self, queue: str) -> list[int]:
+        """kill -9 the pool processes: the tasks they run die mid-step."""
+        pids = self.children(queue)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        return pids
+
+    def kill_sleeper(self, point: str, order_id: int) -> int:
+        """kill -9 the process that sleeps in a `sleep` fault at `point` for `order_id`."""
+        pid_file = Path(f"{self.faults_file}.{point.replace(':', '-')}.{order_id}.pid")
+        pid = int(wait_for(lambda: pid_file.exists() and pid_file.read_text(), what=f"a process asleep in {point}"))
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def kill(self, queue: str) -> None:
+        """kill -9 the whole worker (main process and pool), as a crashed machine would."""
+        process = self.processes.pop(queue)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+    def restart(self, queue: str) -> None:
+        if queue in self.processes:
+            self.stop(queue)
+        log = self.directory / f"worker-{queue}.log"
+        seen = log.read_text(errors="replace").count(" ready.") if log.exists() else 0
+        self.start(queue)
+        self.wait_ready(queue, seen=seen)
+
+    def start_beat(self) -> None:
+        log = open(self.directory / "beat.log", "ab")  # noqa: SIM115 (closed with the process)
+        self.processes["beat"] = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "project", "beat", "-l", "INFO",
+             "-s", str(self.directory / "beat-schedule")],
+            cwd=BASE_DIR, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
     def set_faults(self, faults: dict) -> None:
         tmp = self.faults_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(faults))
@@ -181,7 +258,7 @@ class Workers:
 
     def clear_faults(self) -> None:
         self.set_faults({})
-        for counter in self.directory.glob("faults.json.*.count"):
+        for counter in self.directory.glob("faults.json.*"):
             counter.unlink()
 
 
@@ -205,5 +282,19 @@ def celery_workers(django_db_setup, django_db_blocker, tmp_path_factory) -> Iter
 def workers(celery_workers: Workers, transactional_db) -> Iterator[Workers]:
     """Real workers, with committed data they can see, and no faults unless a test sets them."""
     celery_workers.clear_faults()
+    for queue in settings.SERVICE_QUEUES:  # a test may have killed one
+        if queue not in celery_workers.processes or celery_workers.processes[queue].poll() is not None:
+            celery_workers.restart(queue)
     yield celery_workers
     celery_workers.clear_faults()
+    celery_workers.stop("beat")
+    # Late messages (a redelivery after a kill, a duplicate) must not reach the
+    # next test's freshly flushed tables.
+    quiesce()
+
+
+@pytest.fixture
+def sweeper(workers: Workers) -> Workers:
+    """Celery beat running the saga sweeper every second (saga timeout: SWEEP_TIMEOUT_SECONDS)."""
+    workers.start_beat()
+    return workers

@@ -22,6 +22,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from inventory import public as inventory
+from project import faults
 from project.db import service_db
 from project.errors import Conflict, InvalidInput
 from project.saga import SagaAborted
@@ -36,6 +37,7 @@ PENDING = Order.Status.PENDING
 CONFIRMED = Order.Status.CONFIRMED
 CANCELLING = Order.Status.CANCELLING
 USER_CANCEL_REASON = "cancelled by user"
+MAX_PRODUCT_ID = 2**63 - 1  # inventory's ids are 64-bit (BigAutoField)
 
 
 def _db() -> str:
@@ -68,7 +70,8 @@ def _validate_lines(lines: Any) -> dict[int, int]:
             errors[str(index)] = {"non_field_errors": ["Each line must be an object."]}
             continue
         product, quantity = line.get("product"), line.get("quantity")
-        if isinstance(product, bool) or not isinstance(product, int) or product <= 0:
+        # Bounded like the id column: a larger int overflows SQLite's driver (a 500) in the lookup.
+        if isinstance(product, bool) or not isinstance(product, int) or not 0 < product <= MAX_PRODUCT_ID:
             line_errors["product"] = ["A product id (positive integer) is required."]
         elif product in wanted:
             line_errors["product"] = [f"Product {product} appears in more than one line."]
@@ -106,13 +109,18 @@ def _replay(user: AbstractBaseUser, key: str, fingerprint: str) -> PlacedOrder |
     return PlacedOrder(order=order, cancelled=cancelled, created=False)
 
 
+def _publish(saga, order_id: int) -> None:
+    faults.inject("orders.dispatch", order_id)  # drills: die between commit and publish
+    saga.apply_async()
+
+
 def _dispatch(order: Order) -> None:
     """Publish the saga once the order's transaction commits.
 
     robust: if the broker is down the order is still committed and the client
     still gets its 202; the order stays pending and the sweeper publishes it.
     """
-    transaction.on_commit(partial(order_saga(order).apply_async), using=_db(), robust=True)
+    transaction.on_commit(partial(_publish, order_saga(order), order.pk), using=_db(), robust=True)
 
 
 def order_create(*, user: AbstractBaseUser, lines: Any, idempotency_key: str | None = None) -> PlacedOrder:
@@ -187,7 +195,7 @@ def order_confirm(*, order_id: int) -> str:
     return CONFIRMED
 
 
-def order_compensate(*, order_id: int, reason: str = "", force: bool = False) -> bool:
+def order_compensate(*, order_id: int, reason: str = "", force: bool = False, robust: bool = False) -> bool:
     """Mark the order `cancelling` and publish the compensation chain.
 
     Runs from the saga's error callback (possibly more than once for one
@@ -209,9 +217,10 @@ def order_compensate(*, order_id: int, reason: str = "", force: bool = False) ->
             order.status = CANCELLING
             order.cancel_reason = order.cancel_reason or reason
             order.save(using=_db(), update_fields=["status", "cancel_reason", "updated_at"])
-        # Not robust: a publish failure reaches the caller (a task retries it;
-        # the sweeper re-publishes for orders left `cancelling`).
-        transaction.on_commit(partial(compensation_saga(order_id).apply_async), using=_db())
+        # A task wants a publish failure raised (it retries); a web request
+        # (robust) wants its 202: the order is `cancelling` either way and the
+        # sweeper re-publishes compensation for orders left so.
+        transaction.on_commit(partial(compensation_saga(order_id).apply_async), using=_db(), robust=robust)
     logger.info("order %s: compensation started (%s)", order_id, reason or "a saga step failed")
     return True
 
@@ -268,7 +277,7 @@ def order_failure_note(*, order_id: int, reason: str) -> None:
 
 def order_cancel(*, order: Order) -> bool:
     """A user's or staff's cancel: undo whatever the saga did and delete the order."""
-    return order_compensate(order_id=order.pk, reason=USER_CANCEL_REASON, force=True)
+    return order_compensate(order_id=order.pk, reason=USER_CANCEL_REASON, force=True, robust=True)
 
 
 def order_redispatch(*, order_id: int) -> bool:

@@ -1,15 +1,22 @@
 """Fault injection for tests and drills: make a saga step fail, stall or die.
 
-Off unless ORDERFLOW_FAULTS_FILE names a JSON file. The file maps a task name
-to a fault, read afresh at each step so a running worker picks up changes::
+Off unless ORDERFLOW_FAULTS_FILE names a JSON file. The file maps an
+injection point to a fault, read afresh each time so running workers pick up
+changes::
 
-    {"reports.sale_record": {"action": "fail", "orders": [12, 13]}}
+    {"reports.sale_record": {"action": "fail", "orders": [12, 13]},
+     "inventory.stock_reserve:after": {"action": "sleep", "seconds": 5, "times": 1}}
 
-`action` is one of ``fail`` (a business error), ``transient`` (a database
-OperationalError, retried), ``sleep`` (``seconds``) or ``exit`` (the worker
-process dies at once, as under ``kill -9``). `orders` limits the fault to
-those order ids; `times` (for ``transient``) lets it happen only that many
-times per order, counted in the file's sibling ``.count`` files.
+Points: every saga task name (before its service call), the same name with
+``:after`` (after the service committed, before the message is acknowledged),
+and ``orders.dispatch`` (after the order committed, before the saga is published).
+
+`action` is ``fail`` (a business error), ``transient`` (a database
+OperationalError, retried), ``sleep`` (``seconds``; a window to kill the
+process in) or ``exit`` (the process dies at once, as under ``kill -9``).
+`orders` limits the fault to those order ids; `times` lets it happen only that
+many times per order (counted in files beside the faults file). A sleeping
+process writes its pid beside the faults file too.
 """
 
 import json
@@ -27,7 +34,21 @@ class InjectedFault(ApplicationError):
     code = "injected_fault"
 
 
-def inject(task_name: str, order_id: int) -> None:
+def _consume(path: str, point: str, order_id: int, times: int | None) -> bool:
+    """Count one occurrence; False once `times` occurrences happened for this order."""
+    if times is None:
+        return True
+    counter = Path(f"{path}.{point.replace(':', '-')}.{order_id}.count")
+    # O_APPEND writes of one byte are atomic: concurrent processes count right.
+    fd = os.open(counter, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, b".")
+    finally:
+        os.close(fd)
+    return counter.stat().st_size <= times
+
+
+def inject(point: str, order_id: int) -> None:
     path = settings.ORDERFLOW_FAULTS_FILE
     if not path:
         return
@@ -35,19 +56,19 @@ def inject(task_name: str, order_id: int) -> None:
         faults = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return
-    fault = faults.get(task_name)
+    fault = faults.get(point)
     if not fault or ("orders" in fault and order_id not in fault["orders"]):
+        return
+    if not _consume(path, point, order_id, fault.get("times")):
         return
     action = fault.get("action")
     if action == "fail":
-        raise InjectedFault(f"injected failure in {task_name}")
+        raise InjectedFault(f"injected failure in {point}")
     if action == "transient":
-        counter = Path(f"{path}.{task_name}.{order_id}.count")
-        seen = int(counter.read_text()) if counter.exists() else 0
-        if seen < fault.get("times", 1):
-            counter.write_text(str(seen + 1))
-            raise OperationalError(f"injected transient error in {task_name}")
-    elif action == "sleep":
+        raise OperationalError(f"injected transient error in {point}")
+    if action == "sleep":
+        # Say who is sleeping, so a drill can kill exactly this process.
+        Path(f"{path}.{point.replace(':', '-')}.{order_id}.pid").write_text(str(os.getpid()))
         time.sleep(float(fault.get("seconds", 1)))
     elif action == "exit":
         os._exit(1)

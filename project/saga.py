@@ -20,8 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 from amqp.exceptions import ConnectionError as AMQPConnectionError
+from billiard.exceptions import WorkerLostError
 from celery import Task
 from celery.exceptions import Ignore, Reject
+from celery.signals import task_failure
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 from kombu.exceptions import OperationalError as BrokerOperationalError
@@ -72,7 +74,10 @@ class SagaStep(Task):
     acks_late = True
     reject_on_worker_lost = True
     retry_on_worker_lost = True
-    max_retries = None  # bounded by SAGA_STEP_MAX_RETRIES in run_step
+    # Bounds both transient-error retries and worker-lost redeliveries.
+    max_retries = settings.SAGA_STEP_MAX_RETRIES
+    # The delay before a step whose worker died runs again (Celery's default is 180 s).
+    default_retry_delay = settings.SAGA_RETRY_BACKOFF_SECONDS
     # Business errors are expected outcomes: logged without a traceback.
     throws = (ApplicationError,)
 
@@ -89,7 +94,9 @@ class SagaStep(Task):
             raise Reject(str(exc), requeue=False) from exc
         try:
             faults.inject(self.name, order_id)
-            return call()
+            result = call()
+            faults.inject(f"{self.name}:after", order_id)
+            return result
         except SagaAborted as exc:
             logger.info("%s for order %s skipped: %s", self.name, order_id, exc)
             raise Ignore() from exc
@@ -98,7 +105,7 @@ class SagaStep(Task):
             self._note_failure(order_id, str(exc))
             raise
         except TRANSIENT_ERRORS as exc:
-            max_retries = settings.SAGA_STEP_MAX_RETRIES
+            max_retries = self.max_retries
             if self.request.retries >= max_retries:
                 reason = f"{self.name} gave up after {max_retries} retries: {type(exc).__name__}: {exc}"
                 logger.error("order %s: %s", order_id, reason)
@@ -113,7 +120,7 @@ class SagaStep(Task):
                 self.request.retries + 1,
                 countdown,
             )
-            raise self.retry(exc=exc, countdown=countdown, max_retries=max_retries) from exc
+            raise self.retry(exc=exc, countdown=countdown) from exc
 
     def _note_failure(self, order_id: int, reason: str) -> None:
         if self.failure_note is None:
@@ -122,3 +129,20 @@ class SagaStep(Task):
             type(self).failure_note(order_id=order_id, reason=reason)
         except Exception:  # the failure itself must still propagate
             logger.exception("%s could not record the failure of order %s", self.name, order_id)
+
+
+@task_failure.connect
+def _note_worker_lost(sender=None, exception=None, args=None, kwargs=None, **_):
+    """A step that kept killing its worker failed for good: say so in the order's record.
+
+    Runs in the worker's main process after the error callback was published
+    (compensation reads the note three hops later).
+    """
+    if not isinstance(sender, SagaStep) or not isinstance(exception, WorkerLostError):
+        return
+    order_id = (kwargs or {}).get("order_id", args[0] if args else None)
+    try:
+        order_id = order_id_arg(order_id)
+    except InvalidMessage:
+        return
+    sender._note_failure(order_id, f"{sender.name} failed: its worker process died each time it ran ({exception})")

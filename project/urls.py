@@ -10,3 +10,6 @@ urlpatterns = [
     path("api/", include("reports.urls")),
     path("healthz", healthz, name="healthz"),
 ]
+
+handler404 = "project.errors.not_found_view"
+handler500 = "project.errors.server_error_view"

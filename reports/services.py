@@ -10,6 +10,7 @@ from typing import Any
 
 from django.db import transaction
 from django.db.models import F
+from django.utils import timezone
 
 from project.db import service_db
 from project.saga import InvalidMessage, SagaAborted
@@ -81,6 +82,7 @@ def _count(lines: list[dict[str, Any]], sign: int) -> None:
             units_sold=F("units_sold") + sign * line["quantity"],
             orders_count=F("orders_count") + sign,
             revenue=F("revenue") + sign * Decimal(line["amount"]),
+            updated_at=timezone.now(),
         )
 
 

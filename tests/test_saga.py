@@ -177,7 +177,7 @@ def test_transient_errors_that_persist_end_in_compensation(workers, user, make_p
 
     assert wait_terminal(order_id) == {order_id: "cancelled"}
     reason = CancelledOrder.objects.get(pk=order_id).reason
-    assert reason.startswith("reports.sale_record gave up after 3 retries: OperationalError")
+    assert reason.startswith("reports.sale_record gave up after 5 retries: OperationalError")
     assert stock(product) == 3
     assert report(product).units_sold == 0
 
