@@ -1,0 +1,134 @@
+"""The consistency audit finds each kind of broken invariant, and says so through the command."""
+
+import json
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from django.core.management import call_command
+from django.utils import timezone
+
+from inventory import services as inventory
+from inventory.models import Product, StockReservation
+from orders import services as orders
+from orders.audit import audit
+from orders.models import CancelledOrder, Order
+from reports import services as reports
+from reports.models import ProductReport
+
+pytestmark = pytest.mark.django_db
+
+
+def confirmed_order(user, product, quantity=2) -> Order:
+    """An order taken through every step, as the saga would, without a broker."""
+    order = orders.order_create(user=user, lines=[{"product": product.pk, "quantity": quantity}]).order
+    inventory.stock_reserve(order_id=order.pk, lines=[{"product": product.pk, "quantity": quantity}])
+    reports.sale_record(
+        order_id=order.pk,
+        lines=[{"product": product.pk, "quantity": quantity, "unit_price": str(product.price)}],
+    )
+    orders.order_confirm(order_id=order.pk)
+    return Order.objects.get(pk=order.pk)
+
+
+def cancelled_order(user, product, quantity=1) -> int:
+    order = orders.order_create(user=user, lines=[{"product": product.pk, "quantity": quantity}]).order
+    orders.order_compensate(order_id=order.pk, reason="test")
+    reports.sale_revert(order_id=order.pk)
+    inventory.stock_release(order_id=order.pk)
+    orders.order_delete(order_id=order.pk)
+    return order.pk
+
+
+def invariants(violations) -> set[str]:
+    return {v.invariant for v in violations}
+
+
+def test_a_consistent_history_passes(user, make_product):
+    product = make_product(stock=10)
+    confirmed_order(user, product)
+    cancelled_order(user, product)
+    orders.order_create(user=user, lines=[{"product": product.pk, "quantity": 1}])  # in flight: left out
+
+    assert audit() == []
+    call_command("check_consistency")  # exits 0
+
+
+def test_confirmed_order_without_its_sale_is_reported(user, make_product):
+    product = make_product(stock=10)
+    order = confirmed_order(user, product)
+    reports.sale_revert(order_id=order.pk)  # the books no longer balance
+
+    found = audit()
+
+    assert "books-balance" in invariants(found)
+    assert any(v.order_id == order.pk and "sale is not counted" in v.message for v in found)
+
+
+def test_cancelled_order_still_holding_stock_is_reported(user, make_product):
+    product = make_product(stock=10)
+    order_id = cancelled_order(user, product)
+    StockReservation.objects.create(order_id=order_id, product=product, quantity=1)
+
+    assert any(v.order_id == order_id and v.invariant == "books-balance" for v in audit())
+
+
+def test_stock_held_for_an_order_that_never_existed_is_an_orphan(make_product):
+    product = make_product(stock=10)
+    inventory.stock_reserve(order_id=987654, lines=[{"product": product.pk, "quantity": 1}])
+
+    found = audit()
+
+    assert any(v.invariant == "no-orphans" and v.order_id == 987654 for v in found)
+
+
+def test_partial_reservation_breaks_all_or_nothing(user, make_product):
+    a, b = make_product(stock=10), make_product(stock=10)
+    order = orders.order_create(
+        user=user, lines=[{"product": a.pk, "quantity": 1}, {"product": b.pk, "quantity": 1}]
+    ).order
+    StockReservation.objects.create(order_id=order.pk, product=a, quantity=1)
+
+    assert any(v.invariant == "all-or-nothing" and v.order_id == order.pk for v in audit())
+
+
+def test_stuck_orders_break_every_order_ends(user, make_product):
+    product = make_product(stock=10)
+    order = orders.order_create(user=user, lines=[{"product": product.pk, "quantity": 1}]).order
+    Order.objects.filter(pk=order.pk).update(updated_at=timezone.now() - timedelta(hours=1))
+
+    assert any(v.invariant == "every-order-ends" and v.order_id == order.pk for v in audit())
+    assert audit(stale_after=timedelta(days=1)) == []
+
+
+def test_report_totals_that_do_not_add_up_are_reported(user, make_product):
+    product = make_product(stock=10, price="3.00")
+    confirmed_order(user, product)
+    ProductReport.objects.filter(product_id=product.pk).update(units_sold=7)
+
+    found = audit()
+
+    assert any(v.product_id == product.pk and "report says 7 sold" in v.message for v in found)
+
+
+def test_command_prints_each_violation_and_exits_1(user, make_product, capsys):
+    product = make_product(stock=10)
+    order = confirmed_order(user, product)
+    Product.objects.filter(pk=product.pk).update(stock=0)  # irrelevant to the books: still consistent
+    reports.sale_revert(order_id=order.pk)
+
+    with pytest.raises(SystemExit) as exit_info:
+        call_command("check_consistency")
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 1
+    assert f"VIOLATION books-balance order={order.pk}" in out
+
+    with pytest.raises(SystemExit):
+        call_command("check_consistency", "--json")
+    document = json.loads(capsys.readouterr().out)
+    assert document["ok"] is False
+    assert {"invariant": "books-balance", "order_id": order.pk} in [
+        {k: v[k] for k in ("invariant", "order_id") if k in v} for v in document["violations"]
+    ]
+    assert CancelledOrder.objects.count() == 0
+    assert Decimal(ProductReport.objects.get(product_id=product.pk).revenue) == Decimal("0.00")
