@@ -29,13 +29,14 @@ export PYTHONUNBUFFERED := 1
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help install run test lint format migrate createdb collectstatic seed superuser clean distclean
+.PHONY: help install run test browser-deps lint format migrate createdb collectstatic seed superuser clean distclean
 
 help:
 	@echo "make run        install, migrate, seed demo data, then run web + workers + beat + Flower"
 	@echo "                (PORT=$${PORT:-8000}, FLOWER_PORT=$${FLOWER_PORT:-5555}; Ctrl-C stops everything)"
 	@echo "make test       install, then run the test suite (PYTEST_ARGS=... passes options to pytest)"
-	@echo "make lint       ruff check + ruff format --check"
+	@echo "make browser-deps  apt-get install Debian's chromium + chromium-driver for tests/browser (as root)"
+	@echo "make lint       ruff check + ruff format --check + lint-imports (service boundaries, .importlinter)"
 	@echo "make format     ruff check --fix + ruff format"
 	@echo "make migrate    create the PostgreSQL database(s) if missing, migrate every database alias"
 	@echo "make clean      remove var/ (embedded database, broker folders, static files); keeps .venv"
@@ -162,20 +163,46 @@ superuser: migrate
 
 # honcho numbers PORT per process (base + 100 each), so web is the Procfile's
 # first line; .env is already merged into the environment, hence -e /dev/null.
+# Flower always runs behind basic auth: without FLOWER_BASIC_AUTH, a credential is generated
+# once into $ORDERFLOW_VAR_DIR/flower_basic_auth (mode 600) and printed here.
 run: migrate collectstatic seed superuser
 	@$(LOAD_DOTENV); \
 	export PORT="$${PORT:-8000}" FLOWER_PORT="$${FLOWER_PORT:-5555}"; \
-	echo "orderflow: web http://127.0.0.1:$$PORT/ (/admin/, /api/, /healthz), Flower http://127.0.0.1:$$FLOWER_PORT/ -- Ctrl-C stops everything"; \
+	flower_login="FLOWER_BASIC_AUTH"; \
+	if [ -z "$${FLOWER_BASIC_AUTH:-}" ]; then \
+		auth_file="$${ORDERFLOW_VAR_DIR:-$(CURDIR)/var}/flower_basic_auth"; \
+		if [ ! -s "$$auth_file" ]; then \
+			mkdir -p "$$(dirname "$$auth_file")"; \
+			(umask 077; $(PY) -c 'import secrets; print("admin:" + secrets.token_urlsafe(16))' > "$$auth_file"); \
+		fi; \
+		export FLOWER_BASIC_AUTH="$$(cat "$$auth_file")"; \
+		flower_login="$$FLOWER_BASIC_AUTH (from $$auth_file)"; \
+	fi; \
+	echo "orderflow: web http://127.0.0.1:$$PORT/ (/admin/, /api/, /api/docs/, /healthz), Flower http://127.0.0.1:$$FLOWER_PORT/ (login $$flower_login) -- Ctrl-C stops everything"; \
 	exec honcho start -f Procfile -e /dev/null -p "$$PORT"
 
 # var/test keeps the test database and broker folders away from a running `make run`.
 test: install
 	ORDERFLOW_VAR_DIR=$(CURDIR)/var/test $(PY) -m pytest $(PYTEST_ARGS)
 
+# The browser tests (tests/browser/, skipped without it) drive Debian's Chromium
+# through Playwright, which never downloads a browser of its own.
+browser-deps:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then \
+		echo "browser-deps: $$(/usr/bin/chromium --version 2>/dev/null) and chromedriver are installed"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	else \
+		echo "browser-deps: not root; install Debian's chromium and chromium-driver packages:"; \
+		echo "    sudo apt-get update && sudo apt-get install -y chromium chromium-driver"; \
+		echo "browser-deps: until then the browser tests are skipped"; \
+	fi
+
 lint: install
 	@status=0; \
 	$(VENV)/bin/ruff check . || status=1; \
 	$(VENV)/bin/ruff format --check . || status=1; \
+	$(VENV)/bin/lint-imports --no-cache || status=1; \
 	exit $$status
 
 format: install

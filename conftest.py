@@ -20,6 +20,7 @@ from urllib.parse import quote
 import pytest
 from django.conf import settings
 from django.db import connections
+from pytest_django.fixtures import validate_django_db
 from rest_framework.test import APIClient
 
 from project.celery import app as celery_app
@@ -27,6 +28,34 @@ from project.celery import app as celery_app
 BASE_DIR = Path(__file__).resolve().parent
 # The saga timeout the workers and beat use in tests that run the sweeper.
 SWEEP_TIMEOUT_SECONDS = 6
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """Every test that uses the database may use all of them (the split shape, DESIGN §6).
+
+    Services write to their own alias (inventory, reports); pytest-django
+    otherwise allows only `default`, and flushes only `default` after a
+    transactional test. With one database this changes nothing.
+    """
+    for item in items:
+        marker = item.get_closest_marker("django_db")
+        if marker is None and not {"db", "transactional_db", "live_server"} & set(getattr(item, "fixturenames", ())):
+            continue
+        transaction, reset_sequences, databases, serialized_rollback, available_apps = (
+            validate_django_db(marker) if marker else (False, False, None, False, None)
+        )
+        if databases is None:
+            item.add_marker(
+                pytest.mark.django_db(
+                    transaction=transaction,
+                    reset_sequences=reset_sequences,
+                    databases="__all__",
+                    serialized_rollback=serialized_rollback,
+                    available_apps=available_apps,
+                ),
+                append=False,
+            )
 
 
 def wait_for(predicate: Callable[[], object], *, timeout: float = 30.0, interval: float = 0.05, what: str = ""):
@@ -298,3 +327,11 @@ def sweeper(workers: Workers) -> Workers:
     """Celery beat running the saga sweeper every second (saga timeout: SWEEP_TIMEOUT_SECONDS)."""
     workers.start_beat()
     return workers
+
+
+@pytest.fixture(autouse=True)
+def _fresh_throttle_history():
+    """The order-create throttle keeps its history in a file cache: no test inherits another's."""
+    from django.core.cache import caches
+
+    caches["throttle"].clear()

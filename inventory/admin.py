@@ -16,6 +16,7 @@ from django.db.models import Sum
 from django.urls import reverse
 from django.utils.html import format_html
 
+from project.admin import ReadOnlyAdmin
 from project.errors import ApplicationError
 
 from . import selectors, services
@@ -212,21 +213,8 @@ class ProductAdmin(admin.ModelAdmin):
         self._set_active(request, queryset, True)
 
 
-class _ReadOnlyAdmin(admin.ModelAdmin):
-    """Rows only the saga's services write: the admin shows them and changes nothing."""
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
-
-
 @admin.register(OrderReservation)
-class OrderReservationAdmin(_ReadOnlyAdmin):
+class OrderReservationAdmin(ReadOnlyAdmin):
     list_display = ("order_id", "status", "reason", "created_at", "updated_at")
     list_filter = ("status",)
     search_fields = ("order_id__exact", "reason")
@@ -249,7 +237,7 @@ class ReservationStateFilter(admin.SimpleListFilter):
 
 
 @admin.register(StockReservation)
-class StockReservationAdmin(_ReadOnlyAdmin):
+class StockReservationAdmin(ReadOnlyAdmin):
     list_display = ("order_id", "product", "quantity", "is_active", "created_at", "released_at")
     list_filter = (ReservationStateFilter,)
     list_select_related = ("product",)

@@ -1,6 +1,7 @@
 """The products REST API: read for any signed-in user, write for staff."""
 
 from django.db import transaction
+from drf_spectacular.utils import extend_schema
 from rest_framework import status
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.permissions import SAFE_METHODS, BasePermission
@@ -9,9 +10,13 @@ from rest_framework.views import APIView
 
 from project.db import service_db
 from project.errors import NotFound
+from project.schema import WWW_AUTHENTICATE, errors, id_parameter
 
 from . import selectors, services
 from .serializers import ProductCreateInputSerializer, ProductOutputSerializer, ProductUpdateInputSerializer
+
+PRODUCT_ID = id_parameter("product_id", "product")
+NOT_STAFF = "Not staff (`permission_denied`), or a session-authenticated write without its CSRF token."
 
 
 class ReadOrStaffWrite(BasePermission):
@@ -22,12 +27,41 @@ class ReadOrStaffWrite(BasePermission):
 
 class ProductListCreateApi(APIView):
     permission_classes = [ReadOrStaffWrite]
+    pagination_class = PageNumberPagination
 
+    @extend_schema(
+        operation_id="products_list",
+        summary="List products",
+        description="Every product, active or not, by id, 50 per page.",
+        parameters=[WWW_AUTHENTICATE],
+        responses={200: ProductOutputSerializer(many=True), **errors(401, 404, _404="No such page (`page`).")},
+    )
     def get(self, request):
-        paginator = PageNumberPagination()
+        paginator = self.pagination_class()
         page = paginator.paginate_queryset(selectors.product_list(), request, self)
         return paginator.get_paginated_response(ProductOutputSerializer(page, many=True).data)
 
+    @extend_schema(
+        operation_id="products_create",
+        summary="Create a product (staff)",
+        description="Reports hears about it once it is committed.",
+        request=ProductCreateInputSerializer,
+        parameters=[WWW_AUTHENTICATE],
+        responses={
+            201: ProductOutputSerializer,
+            **errors(
+                400,
+                401,
+                403,
+                409,
+                413,
+                415,
+                _400="Bad fields, or a taken `sku`. Nothing was written.",
+                _403=NOT_STAFF,
+                _409="Another create took the same `sku` at the same moment (`conflict`).",
+            ),
+        },
+    )
     def post(self, request):
         payload = ProductCreateInputSerializer(data=request.data)
         payload.is_valid(raise_exception=True)
@@ -38,12 +72,43 @@ class ProductListCreateApi(APIView):
 class ProductDetailApi(APIView):
     permission_classes = [ReadOrStaffWrite]
 
+    @extend_schema(
+        operation_id="products_retrieve",
+        summary="Get a product",
+        parameters=[PRODUCT_ID, WWW_AUTHENTICATE],
+        responses={200: ProductOutputSerializer, **errors(401, 404)},
+    )
     def get(self, request, product_id: int):
         product = selectors.product_get(product_id=product_id)
         if product is None:
             raise NotFound(f"No product {product_id}.")
         return Response(ProductOutputSerializer(product).data)
 
+    @extend_schema(
+        operation_id="products_update",
+        summary="Change a product (staff)",
+        description=(
+            "Any of the fields; stock only through `stock_delta`, added to (or, negative, taken from) the "
+            "current stock. All or nothing: a refused `stock_delta` leaves the other fields alone too."
+        ),
+        request=ProductUpdateInputSerializer,
+        parameters=[PRODUCT_ID, WWW_AUTHENTICATE],
+        responses={
+            200: ProductOutputSerializer,
+            **errors(
+                400,
+                401,
+                403,
+                404,
+                409,
+                413,
+                415,
+                _400="Bad fields, or a taken `sku`. Nothing was written.",
+                _403=NOT_STAFF,
+                _409="`stock_delta` would take the stock below 0 (`insufficient_stock`). Nothing was written.",
+            ),
+        },
+    )
     def patch(self, request, product_id: int):
         payload = ProductUpdateInputSerializer(data=request.data)
         payload.is_valid(raise_exception=True)

@@ -54,3 +54,45 @@ def active_units_by_order(order_ids: list[int] | None = None) -> dict[int, dict[
 
 def negative_stock_products() -> list[int]:
     return list(Product.objects.using(service_db("inventory")).filter(stock__lt=0).values_list("pk", flat=True))
+
+
+@dataclass(frozen=True)
+class ProductStock:
+    id: int
+    sku: str
+    name: str
+    stock: int
+    active: bool
+
+
+def product_stock_levels(*, limit: int | None = None) -> list[ProductStock]:
+    """Units on hand of every product (the first `limit` by id), for the orders' saga dashboard."""
+    rows = (
+        Product.objects.using(service_db("inventory"))
+        .order_by("pk")
+        .values_list("pk", "sku", "name", "stock", "active")
+    )
+    if limit is not None:
+        rows = rows[:limit]
+    return [ProductStock(*row) for row in rows]
+
+
+@dataclass(frozen=True)
+class ProductOffer:
+    """A product that can be ordered now, as the admin's order form lists it."""
+
+    id: int
+    sku: str
+    name: str
+    price: Decimal
+    stock: int
+
+
+def products_on_sale() -> list[ProductOffer]:
+    rows = (
+        Product.objects.using(service_db("inventory"))
+        .filter(active=True)
+        .order_by("pk")
+        .values_list("pk", "sku", "name", "price", "stock")
+    )
+    return [ProductOffer(*row) for row in rows]

@@ -2,6 +2,7 @@
 
 from decimal import Decimal
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from project.fields import StrictIntegerField
@@ -9,18 +10,26 @@ from project.fields import StrictIntegerField
 from .models import Product
 
 
+@extend_schema_field({"type": "string", "format": "decimal", "pattern": r"^\d{1,10}(\.\d{1,2})?$", "example": "9.99"})
+class PriceField(serializers.DecimalField):
+    """A price from 0 to 9999999999.99: a JSON string ("9.99"), or a number."""
+
+    def __init__(self, **kwargs):
+        super().__init__(max_digits=12, decimal_places=2, min_value=Decimal("0"), **kwargs)
+
+
 class ProductCreateInputSerializer(serializers.Serializer):
     sku = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)
-    name = serializers.CharField(max_length=200)
-    price = serializers.DecimalField(max_digits=12, decimal_places=2, min_value=Decimal("0"))
+    name = serializers.CharField(min_length=1, max_length=200)
+    price = PriceField()
     stock = StrictIntegerField(min_value=0, max_value=1_000_000_000, default=0)
     active = serializers.BooleanField(default=True)
 
 
 class ProductUpdateInputSerializer(serializers.Serializer):
     sku = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64, required=False)
-    name = serializers.CharField(max_length=200, required=False)
-    price = serializers.DecimalField(max_digits=12, decimal_places=2, min_value=Decimal("0"), required=False)
+    name = serializers.CharField(min_length=1, max_length=200, required=False)
+    price = PriceField(required=False)
     active = serializers.BooleanField(required=False)
     # Added to (or, negative, taken from) the current stock: never a blind set
     # that would race with reservations.
@@ -31,3 +40,4 @@ class ProductOutputSerializer(serializers.ModelSerializer):
     class Meta:
         model = Product
         fields = ["id", "sku", "name", "price", "stock", "active", "created_at", "updated_at"]
+        read_only_fields = fields

@@ -19,7 +19,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from project.celery import app
-from project.db import service_db
+from project.db import claim_row, service_db
 from project.errors import Conflict
 from project.saga import InvalidMessage, SagaAborted
 
@@ -121,12 +121,10 @@ def _claim(order_id: int, status: str, reason: str = "") -> OrderReservation:
     """Insert the order's record if absent, then lock and return it.
 
     ON CONFLICT DO NOTHING makes two concurrent deliveries serialize on the
-    primary key: the second waits for the first to commit and then sees it.
+    primary key: the second waits for the first to commit and then sees it
+    (project.db.claim_row: one statement when the record is new).
     """
-    OrderReservation.objects.using(_db()).bulk_create(
-        [OrderReservation(order_id=order_id, status=status, reason=reason)], ignore_conflicts=True
-    )
-    return OrderReservation.objects.using(_db()).select_for_update().get(order_id=order_id)
+    return claim_row(OrderReservation, using=_db(), order_id=order_id, status=status, reason=reason)
 
 
 def _shortfalls(wanted: dict[int, int]) -> list[str]:

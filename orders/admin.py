@@ -4,7 +4,7 @@
 `order_create`, so the admin starts the same saga as the API and never saves
 an Order or OrderLine itself. Existing and cancelled orders are read-only;
 nothing is deleted here (only the saga's compensation deletes an order).
-Products come from inventory's selectors, never from its models.
+Products come from inventory's public module, never from its models.
 """
 
 import json
@@ -24,13 +24,13 @@ from django.contrib.auth import get_permission_codename, get_user_model
 from django.core.exceptions import PermissionDenied
 from django.http import HttpResponseRedirect
 from django.template.response import TemplateResponse
-from django.urls import NoReverseMatch, reverse
+from django.urls import NoReverseMatch, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from kombu.exceptions import KombuError
 
 from inventory import public as inventory
-from inventory import selectors as inventory_selectors
+from project.admin import ReadOnlyAdmin
 from project.errors import ApplicationError, Conflict
 from reports import public as reports
 
@@ -38,6 +38,9 @@ from . import selectors, services
 from .models import CancelledOrder, Order, OrderLine
 
 logger = logging.getLogger(__name__)
+
+# The index links to the saga dashboard (orders/dashboard.py) that OrderAdmin mounts.
+admin.site.index_template = "admin/orders/site_index.html"
 
 LINES_PREFIX = "lines"
 # Idempotency keys the admin's add form makes; the prefix keeps them apart from API clients' keys.
@@ -113,10 +116,10 @@ class OrderLineForm(forms.Form):
 
 
 def product_choices() -> list[tuple[Any, str]]:
-    """Active products for the line select, read through inventory's selector."""
-    products = inventory_selectors.product_list().filter(active=True)
+    """Active products for the line select, read through inventory's public module."""
+    products = inventory.products_on_sale()
     return [("", "— choose a product —")] + [
-        (p.pk, f"{p.sku} — {p.name} ({p.price}, {p.stock} in stock)") for p in products
+        (p.id, f"{p.sku} — {p.name} ({p.price}, {p.stock} in stock)") for p in products
     ]
 
 
@@ -228,6 +231,17 @@ class OrderAdmin(admin.ModelAdmin):
 
     def has_redispatch_permission(self, request) -> bool:
         return self._has_model_perm(request, "change")
+
+    # --- the saga dashboard: /admin/orders/order/dashboard/ ----------------------------------
+
+    def get_urls(self):
+        dashboard = self.admin_site.admin_view(self.dashboard_view)  # staff only, like every admin page
+        return [path("dashboard/", dashboard, name="orders_dashboard"), *super().get_urls()]
+
+    def dashboard_view(self, request):
+        from . import dashboard  # imported here: orders.dashboard imports this module
+
+        return dashboard.dashboard_view(request, model_admin=self)
 
     # --- list and detail ---------------------------------------------------------------
 
@@ -450,21 +464,8 @@ def _ids(order_ids: list[int]) -> str:
 # --- read-only records -------------------------------------------------------------------
 
 
-class _ReadOnlyAdmin(admin.ModelAdmin):
-    """Rows only the saga's services write: the admin shows them and changes nothing."""
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
-
-
 @admin.register(CancelledOrder)
-class CancelledOrderAdmin(_ReadOnlyAdmin):
+class CancelledOrderAdmin(ReadOnlyAdmin):
     list_display = ("order_id", "username", "short_reason", "status_before", "created_at", "cancelled_at")
     list_filter = ("status_before",)
     search_fields = ("order_id__exact", "username", "reason")

@@ -1,17 +1,38 @@
 """The orders REST API: thin views over orders.services and orders.selectors."""
 
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, PolymorphicProxySerializer, extend_schema
 from rest_framework import status
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from project.errors import InvalidInput, NotFound
+from project.schema import RETRY_AFTER, WWW_AUTHENTICATE, errors, id_parameter
+from project.throttles import OrderCreateThrottle
 
 from . import selectors, services
 from .models import CancelledOrder, Order
 from .serializers import CancelledOrderOutputSerializer, OrderCreateInputSerializer, OrderOutputSerializer
 
-STATUSES = {choice.value for choice in Order.Status}
+STATUSES = sorted(choice.value for choice in Order.Status)
+
+ORDER_ID = id_parameter("order_id", "order")
+IDEMPOTENCY_KEY = OpenApiParameter(
+    "Idempotency-Key",
+    type={"type": "string", "minLength": 1, "maxLength": 255},
+    location=OpenApiParameter.HEADER,
+    description=(
+        "Makes a retried POST safe: a repeat with the same key (per user) and the same lines returns the "
+        "original order instead of placing another; the same key with other lines is a 409."
+    ),
+)
+IDEMPOTENT_REPLAYED = OpenApiParameter(
+    "Idempotent-Replayed",
+    type={"type": "string", "enum": ["true"]},
+    location=OpenApiParameter.HEADER,
+    response=[202],
+    description="Present when the answer is the order an earlier request with this Idempotency-Key placed.",
+)
 
 
 def _gone(cancelled: CancelledOrder) -> Response:
@@ -19,14 +40,62 @@ def _gone(cancelled: CancelledOrder) -> Response:
 
 
 class OrderListCreateApi(APIView):
+    pagination_class = PageNumberPagination
+
+    def get_throttles(self):
+        # Only placing orders is rate limited; reading them is cheap.
+        return [OrderCreateThrottle()] if self.request.method == "POST" else []
+
+    @extend_schema(
+        operation_id="orders_list",
+        summary="List orders",
+        description="Your orders (staff: everyone's), newest first, 50 per page.",
+        parameters=[
+            OpenApiParameter("status", enum=STATUSES, description="Only orders in this status."),
+            WWW_AUTHENTICATE,
+        ],
+        responses={
+            200: OrderOutputSerializer(many=True),
+            **errors(400, 401, 404, _400="Unknown `status` filter.", _404="No such page (`page`)."),
+        },
+    )
     def get(self, request):
         wanted = request.query_params.get("status")
         if wanted is not None and wanted not in STATUSES:
-            raise InvalidInput("Unknown status filter.", fields={"status": [f"One of: {', '.join(sorted(STATUSES))}."]})
-        paginator = PageNumberPagination()
+            raise InvalidInput("Unknown status filter.", fields={"status": [f"One of: {', '.join(STATUSES)}."]})
+        paginator = self.pagination_class()
         page = paginator.paginate_queryset(selectors.order_list(user=request.user, status=wanted), request, self)
         return paginator.get_paginated_response(OrderOutputSerializer(page, many=True).data)
 
+    @extend_schema(
+        operation_id="orders_create",
+        summary="Place an order",
+        description=(
+            "Checks the lines, commits the order as `pending` and starts the saga; poll the order to see it "
+            "`confirmed`, or answered with 410 once compensated. Rate limited per user (`ORDER_CREATE_THROTTLE`)."
+        ),
+        request=OrderCreateInputSerializer,
+        parameters=[IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, RETRY_AFTER, WWW_AUTHENTICATE],
+        responses={
+            202: OpenApiResponse(OrderOutputSerializer, description="Accepted: the order, `pending`."),
+            410: OpenApiResponse(
+                CancelledOrderOutputSerializer,
+                description="Idempotent replay of an order that has since been cancelled: its record.",
+            ),
+            **errors(
+                400,
+                401,
+                403,
+                409,
+                413,
+                415,
+                429,
+                _400="Bad lines (missing or empty, too many, bad quantity, unknown or inactive product, a product "
+                "twice), a bad Idempotency-Key, or malformed JSON. Nothing was written.",
+                _409="This Idempotency-Key was already used with other lines (`conflict`). Nothing was written.",
+            ),
+        },
+    )
     def post(self, request):
         payload = OrderCreateInputSerializer(data=request.data)
         payload.is_valid(raise_exception=True)
@@ -44,6 +113,18 @@ class OrderListCreateApi(APIView):
 
 
 class OrderDetailApi(APIView):
+    @extend_schema(
+        operation_id="orders_retrieve",
+        summary="Get an order",
+        parameters=[ORDER_ID, WWW_AUTHENTICATE],
+        responses={
+            200: OrderOutputSerializer,
+            410: OpenApiResponse(
+                CancelledOrderOutputSerializer, description="Cancelled and deleted: its record, with the reason."
+            ),
+            **errors(401, 404),
+        },
+    )
     def get(self, request, order_id: int):
         found = selectors.order_or_cancelled(user=request.user, order_id=order_id)
         if found is None:
@@ -54,12 +135,37 @@ class OrderDetailApi(APIView):
 
 
 class OrderCancelApi(APIView):
+    @extend_schema(
+        operation_id="orders_cancel",
+        summary="Cancel an order",
+        description=(
+            "Starts the compensation saga (a confirmed order is undone too): stock released, sale reverted, "
+            "order deleted with the reason `cancelled by user`."
+        ),
+        request=None,
+        parameters=[ORDER_ID, WWW_AUTHENTICATE],
+        responses={
+            202: OpenApiResponse(
+                PolymorphicProxySerializer(
+                    component_name="OrderOrCancelledOrder",
+                    serializers=[OrderOutputSerializer, CancelledOrderOutputSerializer],
+                    resource_type_field_name=None,
+                ),
+                description="Accepted: the order as it is now, `cancelling` (or its record if already deleted).",
+            ),
+            200: OpenApiResponse(
+                CancelledOrderOutputSerializer,
+                description="Already cancelled (not an error: cancelling is idempotent): its record, with the reason.",
+            ),
+            **errors(401, 403, 404),
+        },
+    )
     def post(self, request, order_id: int):
         found = selectors.order_or_cancelled(user=request.user, order_id=order_id)
         if found is None:
             raise NotFound(f"No order {order_id}.")
         if isinstance(found, CancelledOrder):
-            return _gone(found)
+            return Response(CancelledOrderOutputSerializer(found).data, status=status.HTTP_200_OK)
         services.order_cancel(order=found)
         # Compensation may already have deleted it: answer with what is there now.
         found = selectors.order_or_cancelled(user=request.user, order_id=order_id)

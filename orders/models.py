@@ -30,6 +30,8 @@ class Order(models.Model):
     # Why the order is being cancelled when someone asked for it (a user, the
     # sweeper); failures of the saga's own steps are recorded by their services.
     cancel_reason = models.TextField(blank=True)
+    # The status the order had when compensation started (kept on its CancelledOrder).
+    cancelled_from = models.CharField(max_length=16, choices=Status.choices, blank=True)
     failure_reason = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -45,9 +47,13 @@ class Order(models.Model):
             ),
         ]
         indexes = [
-            # The sweeper's scan and the API's status filter.
+            # The sweeper's scan.
             models.Index(fields=["status", "last_dispatched_at"], name="order_status_dispatch_idx"),
-            models.Index(fields=["user", "status"], name="order_user_status_idx"),
+            # The API's list, newest first: a page is read off the index however
+            # many orders there are (staff ?status=, a user's own, a user's ?status=).
+            models.Index(fields=["status", "-id"], name="order_status_id_idx"),
+            models.Index(fields=["user", "-id"], name="order_user_id_idx"),
+            models.Index(fields=["user", "status", "-id"], name="order_user_status_idx"),
         ]
 
     def __str__(self) -> str:
@@ -105,3 +111,18 @@ class CancelledOrder(models.Model):
 
     def __str__(self) -> str:
         return f"cancelled order {self.order_id}"
+
+
+class BenchFloorChain(models.Model):
+    """Benchmark apparatus, not part of any service: one row per chain of `bench_orders --baseline`.
+
+    Each of the floor's three trivial tasks (one per service queue, see
+    orders/bench_tasks.py) commits one UPDATE of its chain's row; the last one
+    stamps `done_at`, so the floor's latency is measured like the saga's.
+    """
+
+    steps = models.PositiveSmallIntegerField(default=0)
+    done_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"floor chain {self.pk}: {self.steps} steps"

@@ -10,7 +10,7 @@ from celery.canvas import Signature
 
 from project.celery import app
 
-from .models import Order
+from .models import Order, OrderLine
 
 
 def _step(name: str, **kwargs) -> Signature:
@@ -18,7 +18,7 @@ def _step(name: str, **kwargs) -> Signature:
     return app.signature(name, kwargs=kwargs, immutable=True)
 
 
-def order_saga(order: Order) -> Signature:
+def order_saga(order: Order, lines: list[OrderLine] | None = None) -> Signature:
     """stock_reserve → sale_record → order_confirm, compensated on any failure.
 
     The error callback is immutable and its task takes one positional
@@ -27,7 +27,9 @@ def order_saga(order: Order) -> Signature:
     where an exception would only be logged (CELERY_NOTES 2). Chains attach
     it to every step (CELERY_NOTES 1).
     """
-    lines = list(order.lines.all())
+    if lines is None:  # order_create passes the lines it just wrote: no query
+        lines = order.lines.all()
+    lines = sorted(lines, key=lambda line: line.product_id)
     return chain(
         _step(
             "inventory.stock_reserve",

@@ -1,15 +1,16 @@
 """Shapes of the orders API's input and output."""
 
 from django.conf import settings
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from project.fields import StrictIntegerField
+from project.fields import MAX_ID, StrictIntegerField
 
 from .models import CancelledOrder, Order, OrderLine
 
 
 class OrderLineInputSerializer(serializers.Serializer):
-    product = StrictIntegerField(min_value=1)
+    product = StrictIntegerField(min_value=1, max_value=MAX_ID)
     quantity = StrictIntegerField(min_value=1, max_value=settings.ORDER_MAX_QUANTITY)
 
 
@@ -17,6 +18,7 @@ class OrderCreateInputSerializer(serializers.Serializer):
     lines = serializers.ListField(
         child=OrderLineInputSerializer(),
         allow_empty=False,
+        min_length=1,
         max_length=settings.ORDER_MAX_LINES,
     )
 
@@ -30,16 +32,17 @@ class OrderCreateInputSerializer(serializers.Serializer):
 
 
 class OrderLineOutputSerializer(serializers.ModelSerializer):
-    product = serializers.IntegerField(source="product_id")
+    product = serializers.IntegerField(source="product_id", read_only=True)
 
     class Meta:
         model = OrderLine
         fields = ["product", "product_name", "unit_price", "quantity"]
+        read_only_fields = fields
 
 
 class OrderOutputSerializer(serializers.ModelSerializer):
-    lines = OrderLineOutputSerializer(many=True)
-    user = serializers.CharField(source="user.get_username")
+    lines = OrderLineOutputSerializer(many=True, read_only=True)
+    user = serializers.CharField(source="user.get_username", read_only=True)
 
     class Meta:
         model = Order
@@ -54,16 +57,29 @@ class OrderOutputSerializer(serializers.ModelSerializer):
             "dispatch_attempts",
             "last_dispatched_at",
         ]
+        read_only_fields = fields
+
+
+class CancelledOrderLineOutputSerializer(serializers.Serializer):
+    """A line as the order had it, kept on the CancelledOrder (a JSON snapshot, not a row)."""
+
+    product = serializers.IntegerField()
+    product_name = serializers.CharField()
+    unit_price = serializers.DecimalField(max_digits=12, decimal_places=2)
+    quantity = serializers.IntegerField()
 
 
 class CancelledOrderOutputSerializer(serializers.ModelSerializer):
-    id = serializers.IntegerField(source="order_id")
+    id = serializers.IntegerField(source="order_id", read_only=True)
     status = serializers.SerializerMethodField()
-    user = serializers.CharField(source="username")
+    user = serializers.CharField(source="username", read_only=True)
+    lines = CancelledOrderLineOutputSerializer(many=True, read_only=True)
 
     class Meta:
         model = CancelledOrder
         fields = ["id", "status", "reason", "user", "lines", "created_at", "cancelled_at"]
+        read_only_fields = fields
 
+    @extend_schema_field({"type": "string", "enum": ["cancelled"]})
     def get_status(self, obj) -> str:
         return "cancelled"

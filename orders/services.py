@@ -114,13 +114,13 @@ def _publish(saga, order_id: int) -> None:
     saga.apply_async()
 
 
-def _dispatch(order: Order) -> None:
+def _dispatch(order: Order, lines: list[OrderLine] | None = None) -> None:
     """Publish the saga once the order's transaction commits.
 
     robust: if the broker is down the order is still committed and the client
     still gets its 202; the order stays pending and the sweeper publishes it.
     """
-    transaction.on_commit(partial(_publish, order_saga(order), order.pk), using=_db(), robust=True)
+    transaction.on_commit(partial(_publish, order_saga(order, lines), order.pk), using=_db(), robust=True)
 
 
 def order_create(*, user: AbstractBaseUser, lines: Any, idempotency_key: str | None = None) -> PlacedOrder:
@@ -157,7 +157,7 @@ def order_create(*, user: AbstractBaseUser, lines: Any, idempotency_key: str | N
                 dispatch_attempts=1,
                 last_dispatched_at=timezone.now(),
             )
-            OrderLine.objects.using(_db()).bulk_create(
+            created_lines = OrderLine.objects.using(_db()).bulk_create(
                 [
                     OrderLine(
                         order=order,
@@ -169,7 +169,7 @@ def order_create(*, user: AbstractBaseUser, lines: Any, idempotency_key: str | N
                     for product_id, quantity in wanted.items()
                 ]
             )
-            _dispatch(order)
+            _dispatch(order, created_lines)
     except IntegrityError:
         # Two requests with one Idempotency-Key raced; the other one won.
         if idempotency_key is None:
@@ -179,20 +179,29 @@ def order_create(*, user: AbstractBaseUser, lines: Any, idempotency_key: str | N
             raise
         return replay
     logger.info("order %s placed by %s: %s", order.pk, user, wanted)
+    # What callers show next (the API's 202 body) reads order.lines: hand them the
+    # rows just written, filled in as prefetch_related("lines") fills them, instead
+    # of one more query. Anything but .all() (a filter, .get()) still queries.
+    lines = order.lines.all()
+    lines._result_cache = sorted(created_lines, key=lambda line: line.product_id)
+    lines._prefetch_done = True
+    order._prefetched_objects_cache = {"lines": lines}
     return PlacedOrder(order=order, cancelled=None, created=True)
 
 
 def order_confirm(*, order_id: int) -> str:
-    """The saga's last step: pending → confirmed. A no-op when already confirmed."""
-    with transaction.atomic(using=_db()):
-        order = Order.objects.using(_db()).select_for_update().filter(pk=order_id).first()
-        if order is None or order.status == CANCELLING:
-            raise SagaAborted(f"order {order_id} is being cancelled or gone")
-        if order.status == PENDING:
-            order.status = CONFIRMED
-            order.confirmed_at = timezone.now()
-            order.save(using=_db(), update_fields=["status", "confirmed_at", "updated_at"])
-    return CONFIRMED
+    """The saga's last step: pending → confirmed. A no-op when already confirmed.
+
+    One conditional UPDATE (the row lock is the statement's own); only when it
+    changed nothing is the order read to tell a duplicate from an abort.
+    """
+    now = timezone.now()
+    orders = Order.objects.using(_db()).filter(pk=order_id)
+    if orders.filter(status=PENDING).update(status=CONFIRMED, confirmed_at=now, updated_at=now):
+        return CONFIRMED
+    if orders.filter(status=CONFIRMED).exists():
+        return CONFIRMED
+    raise SagaAborted(f"order {order_id} is being cancelled or gone")
 
 
 def order_compensate(*, order_id: int, reason: str = "", force: bool = False, robust: bool = False) -> bool:
@@ -214,9 +223,11 @@ def order_compensate(*, order_id: int, reason: str = "", force: bool = False, ro
             logger.warning("order %s is confirmed; late compensation request ignored", order_id)
             return False
         if order.status != CANCELLING or (reason and not order.cancel_reason):
+            if order.status != CANCELLING:
+                order.cancelled_from = order.status
             order.status = CANCELLING
             order.cancel_reason = order.cancel_reason or reason
-            order.save(using=_db(), update_fields=["status", "cancel_reason", "updated_at"])
+            order.save(using=_db(), update_fields=["status", "cancelled_from", "cancel_reason", "updated_at"])
         # A task wants a publish failure raised (it retries); a web request
         # (robust) wants its 202: the order is `cancelling` either way and the
         # sweeper re-publishes compensation for orders left so.
@@ -261,7 +272,7 @@ def order_delete(*, order_id: int) -> CancelledOrder | None:
                 for line in order.lines.all()
             ],
             reason=_cancel_reason(order),
-            status_before=order.status,
+            status_before=order.cancelled_from or order.status,
             dispatch_attempts=order.dispatch_attempts,
             created_at=order.created_at,
         )

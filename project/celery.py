@@ -1,11 +1,46 @@
 """The Celery application shared by every service's workers, beat and Flower."""
 
 import os
+import time
 
 from celery import Celery
+from celery.signals import task_postrun, task_prerun
+from django.db import connections
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 
 app = Celery("orderflow")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+# The floor tasks of `manage.py bench_orders --baseline` (orders/bench_tasks.py).
+app.autodiscover_tasks(related_name="bench_tasks")
+
+
+def _recycle_db_connections() -> None:
+    """Django's request rule for tasks: keep a connection for CONN_MAX_AGE, drop a broken one.
+
+    Like django.db.close_old_connections, except that a connection with no
+    error and time left is not health-checked again before every task: that
+    check is one more round trip per task. A connection broken while idle
+    (a database restart) fails its task's first query, which is a transient
+    error the task retries, and is replaced before the next task.
+    """
+    for connection in connections.all(initialized_only=True):
+        if connection.connection is None:
+            continue
+        expired = connection.close_at is not None and time.monotonic() >= connection.close_at
+        leaked = connection.get_autocommit() != connection.settings_dict["AUTOCOMMIT"]
+        if connection.errors_occurred or expired or leaked:
+            connection.close_if_unusable_or_obsolete()
+
+
+# Celery's Django fixup closes every database connection before and after each
+# task unless CELERY_DB_REUSE_MAX is set, so each task paid a fresh PostgreSQL
+# connection (about a quarter of a pool process's time, seen with py-spy).
+# Settings set CELERY_DB_REUSE_MAX out of reach; CONN_MAX_AGE=0 closes the
+# connection after every task again.
+@task_prerun.connect
+@task_postrun.connect
+def _reuse_db_connections(sender=None, **kwargs):
+    if not getattr(getattr(sender, "request", None), "is_eager", False):
+        _recycle_db_connections()

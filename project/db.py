@@ -1,8 +1,47 @@
 """Which database alias owns each service's tables (DESIGN §6)."""
 
+from typing import Any
+
 from django.conf import settings
+from django.db import connections
+from django.db.models import Model
+from django.utils import timezone
 
 
 def service_db(service: str) -> str:
     """The alias that owns `service`'s rows: name it in every atomic/on_commit."""
     return settings.SERVICE_DATABASES[service]
+
+
+def claim_row(model: type[Model], *, using: str, **values: Any) -> Model:
+    """Insert `model`'s row keyed by its primary key unless it exists; return it locked.
+
+    The idempotency records of the saga's steps are claimed this way. A new
+    row comes back from one ``INSERT … ON CONFLICT DO NOTHING RETURNING``: it
+    is this transaction's own until commit, and a concurrent claim of the same
+    key waits for that commit. Only an existing row costs a second statement,
+    ``SELECT … FOR UPDATE``. Call it inside ``transaction.atomic(using=using)``.
+    """
+    connection = connections[using]
+    now = timezone.now()
+    row = model(**values)
+    for field in model._meta.concrete_fields:
+        if getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False):
+            setattr(row, field.attname, now)
+    fields = model._meta.concrete_fields
+    pk = model._meta.pk
+    quote = connection.ops.quote_name
+    params = [field.get_db_prep_save(getattr(row, field.attname), connection) for field in fields]
+    # Identifiers are quoted from the model's metadata; values are parameters.
+    columns = ", ".join(quote(f.column) for f in fields)
+    placeholders = ", ".join(["%s"] * len(fields))
+    sql = f"INSERT INTO {quote(model._meta.db_table)} ({columns}) VALUES ({placeholders}) "  # noqa: S608
+    sql += f"ON CONFLICT ({quote(pk.column)}) DO NOTHING RETURNING {quote(pk.column)}"
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        inserted = cursor.fetchone() is not None
+    if inserted:
+        row._state.adding = False
+        row._state.db = using
+        return row
+    return model._default_manager.using(using).select_for_update().get(pk=getattr(row, pk.attname))

@@ -155,6 +155,72 @@ REST_FRAMEWORK = {
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 
+# --- API schema, throttling, security (issue 3) -----------------------------
+INSTALLED_APPS += ["drf_spectacular", "drf_spectacular_sidecar"]
+REST_FRAMEWORK["DEFAULT_SCHEMA_CLASS"] = "drf_spectacular.openapi.AutoSchema"
+# DRF's JSON parser, but a body nested thousands deep is a 400, not a RecursionError (500).
+REST_FRAMEWORK["DEFAULT_PARSER_CLASSES"] = ["project.parsers.JSONParser"]
+SPECTACULAR_SETTINGS = {
+    "TITLE": "orderflow API",
+    "DESCRIPTION": (
+        "Orders, products and the sales read model. Authenticate with `Authorization: Token <key>` "
+        "(`manage.py drf_create_token USER`) or the admin's session. Every error has one JSON shape: "
+        '`{"code", "detail", "fields"}`.'
+    ),
+    "VERSION": "1.0.0",
+    # /api/schema/ and /api/docs/ are public and the same for everyone (a bad token must not make them 401).
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SERVE_AUTHENTICATION": [],
+    "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI's files come from drf-spectacular-sidecar through staticfiles, never from a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "SWAGGER_UI_SETTINGS": {"persistAuthorization": True},
+    "ENUM_NAME_OVERRIDES": {"OrderStatusEnum": "orders.models.Order.Status"},
+}
+
+
+def _throttle_rate(name: str, default: str) -> str | None:
+    """A DRF rate, N/second, N/minute, N/hour or N/day (s, sec, m, min, ...); "" or "off" for no limit."""
+    rate = env(name, default=default).strip().lower()
+    if rate in ("", "off", "none"):
+        return None
+    count, _, period = rate.partition("/")
+    if (
+        not count.isdigit()
+        or int(count) < 1
+        or period not in ("s", "sec", "second", "m", "min", "minute", "h", "hour", "d", "day")
+    ):
+        raise ValueError(f"{name}={rate!r}: expected N/second, N/minute, N/hour or N/day (e.g. 120/min), or off")
+    return rate
+
+
+# Orders one user may place (POST /api/orders/); over it: 429 with Retry-After.
+ORDER_CREATE_THROTTLE = _throttle_rate("ORDER_CREATE_THROTTLE", "120/min")
+# The throttle's history must be shared by every web process (gunicorn runs several): a file
+# cache under var/ serves one machine; several web machines need e.g. dbcache://orderflow_cache
+# (after `manage.py createcachetable`). Django's default LocMemCache would be per process.
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    "throttle": env.cache_url("THROTTLE_CACHE_URL", default=f"filecache://{VAR_DIR / 'cache' / 'throttle'}"),
+}
+CACHES["throttle"].setdefault("OPTIONS", {}).setdefault("MAX_ENTRIES", 10_000)
+
+# HTTPS hardening for production (`manage.py check --deploy`); all off by default so plain
+# http on localhost keeps working. SECURE_PROXY_SSL_HEADER="HTTP_X_FORWARDED_PROTO,https" only
+# behind a proxy that sets that header itself (else clients could claim https).
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=False)
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]  # probed over plain http from inside (compose, load balancers)
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=False)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=False)
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
+SECURE_PROXY_SSL_HEADER = env.tuple("SECURE_PROXY_SSL_HEADER", default=None) or None
+if SECURE_PROXY_SSL_HEADER is not None and len(SECURE_PROXY_SSL_HEADER) != 2:
+    raise ValueError("SECURE_PROXY_SSL_HEADER: expected HEADER,value, e.g. HTTP_X_FORWARDED_PROTO,https")
+
 # --- Orders ----------------------------------------------------------------
 ORDER_MAX_LINES = env.int("ORDER_MAX_LINES", default=50)
 ORDER_MAX_QUANTITY = env.int("ORDER_MAX_QUANTITY", default=1000)
@@ -213,8 +279,18 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = env.int("CELERY_WORKER_PREFETCH_MULTIPLIER",
 # How long a worker waits for a result from a pool process that died before
 # declaring the job lost (and redelivering it).
 CELERY_WORKER_LOST_WAIT = env.float("CELERY_WORKER_LOST_WAIT", default=10.0)
-CELERY_WORKER_SEND_TASK_EVENTS = True
-CELERY_TASK_SEND_SENT_EVENT = True
+# Tasks reuse database connections as requests do (CONN_MAX_AGE): the
+# handlers in project/celery.py close old connections around each task, so
+# Celery's own close-after-every-task is turned off here.
+CELERY_DB_REUSE_MAX = 2**31
+# Task events are for monitors (Flower). Each one is a message, and on RabbitMQ
+# the worker's main loop waits for its publisher confirm like any other: with
+# both on, py-spy saw half of that loop's time there, and `bench_orders` lost
+# a quarter of its floor and 10-20 % of the saga (README "Performance"). Off unless asked
+# for; Flower switches workers' events on (enable_events) while it runs, and
+# CELERY_TASK_SEND_SENT_EVENT=true adds the "sent" state to what it shows.
+CELERY_WORKER_SEND_TASK_EVENTS = env.bool("CELERY_WORKER_SEND_TASK_EVENTS", default=False)
+CELERY_TASK_SEND_SENT_EVENT = env.bool("CELERY_TASK_SEND_SENT_EVENT", default=False)
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE = {
@@ -227,13 +303,22 @@ CELERY_BEAT_SCHEDULE = {
 }
 
 # --- Logging ---------------------------------------------------------------
+# LOG_FORMAT=json: one JSON object per line, with task name/id, order id and saga
+# step inside workers (project/logging.py); "plain" is for people reading a terminal.
+LOG_FORMAT = env("LOG_FORMAT", default="plain")
+if LOG_FORMAT not in ("plain", "json"):
+    raise ValueError(f"LOG_FORMAT={LOG_FORMAT!r}: expected plain or json")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
+    "filters": {"task_context": {"()": "project.logging.TaskContextFilter"}},
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"},
+        "json": {"()": "project.logging.JsonFormatter"},
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["task_context"]},
+    },
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
     "loggers": {
         "django.db.backends": {"level": "WARNING"},

@@ -5,24 +5,13 @@ import json
 from django.contrib import admin
 from django.utils.html import format_html, format_html_join
 
+from project.admin import ReadOnlyAdmin
+
 from .models import ProductReport, ReportedOrder
 
 
-class _ReadOnlyAdmin(admin.ModelAdmin):
-    """Rows only the saga's services write: the admin shows them and changes nothing."""
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
-
-
 @admin.register(ProductReport)
-class ProductReportAdmin(_ReadOnlyAdmin):
+class ProductReportAdmin(ReadOnlyAdmin):
     list_display = ("product_id", "product_name", "units_sold", "orders_count", "revenue", "updated_at")
     list_display_links = ("product_id", "product_name")
     search_fields = ("product_id__exact", "product_name")
@@ -31,7 +20,7 @@ class ProductReportAdmin(_ReadOnlyAdmin):
 
 
 @admin.register(ReportedOrder)
-class ReportedOrderAdmin(_ReadOnlyAdmin):
+class ReportedOrderAdmin(ReadOnlyAdmin):
     list_display = ("order_id", "status", "lines_summary", "reason", "created_at", "updated_at")
     list_filter = ("status",)
     search_fields = ("order_id__exact", "reason")

@@ -12,7 +12,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from project.db import service_db
+from project.db import claim_row, service_db
 from project.saga import InvalidMessage, SagaAborted
 
 from .models import ProductReport, ReportedOrder
@@ -70,20 +70,27 @@ def parse_sale_lines(lines: Any) -> list[dict[str, Any]]:
 
 
 def _claim(order_id: int, status: str, reason: str = "") -> ReportedOrder:
-    ReportedOrder.objects.using(_db()).bulk_create(
-        [ReportedOrder(order_id=order_id, status=status, reason=reason)], ignore_conflicts=True
-    )
-    return ReportedOrder.objects.using(_db()).select_for_update().get(order_id=order_id)
+    # One statement when the record is new (project.db.claim_row).
+    return claim_row(ReportedOrder, using=_db(), order_id=order_id, status=status, reason=reason)
 
 
-def _count(lines: list[dict[str, Any]], sign: int) -> None:
+def _count(lines: list[dict[str, Any]], sign: int) -> list[dict[str, Any]]:
+    """Add the lines to their products' totals; returns the lines whose product has no row yet."""
+    missing = []
     for line in lines:  # sorted by product: a consistent lock order
-        ProductReport.objects.using(_db()).filter(product_id=line["product"]).update(
-            units_sold=F("units_sold") + sign * line["quantity"],
-            orders_count=F("orders_count") + sign,
-            revenue=F("revenue") + sign * Decimal(line["amount"]),
-            updated_at=timezone.now(),
+        counted = (
+            ProductReport.objects.using(_db())
+            .filter(product_id=line["product"])
+            .update(
+                units_sold=F("units_sold") + sign * line["quantity"],
+                orders_count=F("orders_count") + sign,
+                revenue=F("revenue") + sign * Decimal(line["amount"]),
+                updated_at=timezone.now(),
+            )
         )
+        if not counted:
+            missing.append(line)
+    return missing
 
 
 def sale_record(*, order_id: int, lines: Any) -> str:
@@ -95,13 +102,15 @@ def sale_record(*, order_id: int, lines: Any) -> str:
             return RECORDED
         if record.status in (REVERTED, FAILED):
             raise SagaAborted(f"the sale of order {order_id} was already {record.status}")
-        # A sale may arrive before the product's event: the row starts from the
-        # order's snapshot of the name, and the event (newer version) renames it.
-        ProductReport.objects.using(_db()).bulk_create(
-            [ProductReport(product_id=line["product"], product_name=line["product_name"]) for line in parsed],
-            ignore_conflicts=True,
-        )
-        _count(parsed, +1)
+        missing = _count(parsed, +1)
+        if missing:
+            # A sale may arrive before the product's event: the row starts from the
+            # order's snapshot of the name, and the event (newer version) renames it.
+            ProductReport.objects.using(_db()).bulk_create(
+                [ProductReport(product_id=line["product"], product_name=line["product_name"]) for line in missing],
+                ignore_conflicts=True,
+            )
+            _count(missing, +1)
         record.status = RECORDED
         record.lines = [{k: line[k] for k in ("product", "quantity", "amount")} for line in parsed]
         record.save(using=_db(), update_fields=["status", "lines", "updated_at"])

@@ -11,6 +11,7 @@ from django.urls import reverse
 
 from inventory import services
 from inventory.models import OrderReservation, Product, StockReservation
+from project.db import service_db
 
 pytestmark = pytest.mark.django_db
 
@@ -74,7 +75,7 @@ def test_add_product_goes_through_product_create_and_announces_it(
 ):
     data = {"sku": "ADM-1", "name": "Admin widget", "price": "12.50", "stock": "7", "active": "on", "_save": "Save"}
 
-    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+    with django_capture_on_commit_callbacks(using=service_db("inventory"), execute=False) as callbacks:
         response = admin_client.post(reverse("admin:inventory_product_add"), data)
 
     assert response.status_code == 302, response.context["adminform"].form.errors
@@ -126,7 +127,7 @@ def test_change_product_goes_through_product_update(
     product = make_product(stock=4, price="10.00", name="Old name")
     calls.clear()
 
-    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+    with django_capture_on_commit_callbacks(using=service_db("inventory"), execute=False) as callbacks:
         response = admin_client.post(change_url(product), change_data(product, name="New name", price="11.00"))
 
     assert response.status_code == 302

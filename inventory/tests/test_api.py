@@ -1,11 +1,13 @@
 """The products REST API: read for any signed-in user, write for staff."""
 
 from decimal import Decimal
+from urllib.parse import quote
 
 import pytest
 from rest_framework.test import APIClient
 
 from inventory.models import Product
+from project.db import service_db
 
 pytestmark = pytest.mark.django_db
 
@@ -77,7 +79,7 @@ def test_anonymous_gets_401(make_product):
 
 
 def test_staff_creates_a_product(staff_api, django_capture_on_commit_callbacks):
-    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+    with django_capture_on_commit_callbacks(using=service_db("inventory"), execute=False) as callbacks:
         response = staff_api.post(PRODUCTS, {"sku": "NEW-1", "name": "New", "price": "3.20", "stock": 7}, format="json")
 
     assert response.status_code == 201, response.content
@@ -140,7 +142,7 @@ def test_staff_updates_fields_and_stock(staff_api, make_product, django_capture_
     product = make_product(stock=3, name="Old")
     version = snapshot(product)[5]
 
-    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+    with django_capture_on_commit_callbacks(using=service_db("inventory"), execute=False) as callbacks:
         response = staff_api.patch(
             detail(product.pk), {"name": "New", "price": "4.00", "stock_delta": 2}, format="json"
         )
@@ -201,3 +203,61 @@ def test_patch_of_an_unknown_product_is_404(staff_api, make_product):
     product = make_product()
     for product_id in (product.pk + 1000, 2**63):
         assert_error(staff_api.patch(detail(product_id), {"name": "x"}, format="json"), 404)
+
+
+# --- hostile input -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw_id", ["abc", "1 OR 1=1", "1; DROP TABLE inventory_product", "1' --", "-1", "1.0", "%00"])
+def test_ids_that_are_strings_or_sql_are_404(staff_api, make_product, raw_id):
+    product = make_product(stock=3, name="Keep")
+    before = snapshot(product)
+    path = f"{PRODUCTS}{quote(raw_id)}/"
+
+    assert_error(staff_api.get(path), 404, code="not_found")
+    assert_error(staff_api.patch(path, {"name": "Changed", "stock_delta": -3}, format="json"), 404, code="not_found")
+    assert snapshot(product) == before
+    assert Product.objects.count() == 1
+
+
+@pytest.mark.parametrize(
+    ("raw", "content_type", "status", "code"),
+    [
+        (b'{"sku": "X-1", "name": ', "application/json", 400, "parse_error"),
+        (b"[" * 30_000, "application/json", 400, "parse_error"),
+        (b"null", "application/json", 400, "invalid"),
+        (b"sku=X-1&name=x&price=1", "application/x-www-form-urlencoded", 415, "unsupported_media_type"),
+        (b'{"sku": "X-1", "name": "x", "price": "1"}', "text/plain", 415, "unsupported_media_type"),
+    ],
+)
+def test_bad_bodies_write_nothing(staff_api, make_product, raw, content_type, status, code):
+    product = make_product(stock=3, name="Keep")
+    before = snapshot(product)
+
+    assert_error(staff_api.post(PRODUCTS, raw, content_type=content_type), status, code=code)
+    assert_error(staff_api.patch(detail(product.pk), raw, content_type=content_type), status, code=code)
+    assert snapshot(product) == before
+    assert Product.objects.count() == 1
+
+
+@pytest.mark.parametrize(("method", "path"), [("put", "DETAIL"), ("delete", "DETAIL"), ("put", PRODUCTS)])
+def test_other_methods_are_405_and_change_nothing(staff_api, make_product, method, path):
+    product = make_product(stock=3, name="Keep")
+    before = snapshot(product)
+
+    response = getattr(staff_api, method)(detail(product.pk) if path == "DETAIL" else path, {}, format="json")
+
+    assert_error(response, 405, code="method_not_allowed")
+    assert snapshot(product) == before
+
+
+def test_anonymous_writes_are_401_before_anything_else(make_product):
+    product = make_product(stock=3, name="Keep")
+    before = snapshot(product)
+    anonymous = APIClient()
+
+    assert_error(anonymous.patch(detail(product.pk), {"stock_delta": -3}, format="json"), 401)
+    assert_error(anonymous.patch(detail(10**6), {"stock_delta": -3}, format="json"), 401)  # not 404
+    assert_error(anonymous.post(PRODUCTS, b"{", content_type="application/json"), 401)  # not 400
+    assert snapshot(product) == before
+    assert Product.objects.count() == 1

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from inventory import services
 from inventory.exceptions import StockRefused, UnknownProduct
 from inventory.models import OrderReservation, Product, StockReservation
+from project.db import service_db
 from project.saga import InvalidMessage, SagaAborted
 
 pytestmark = pytest.mark.django_db
@@ -259,14 +260,14 @@ def test_malformed_lines_are_invalid_messages(make_product, lines):
 def test_database_refuses_negative_stock(make_product):
     a = make_product(stock=1)
 
-    with pytest.raises(IntegrityError), transaction.atomic():
+    with pytest.raises(IntegrityError), transaction.atomic(using=service_db("inventory")):
         Product.objects.filter(pk=a.pk).update(stock=-1)
 
     assert stock_of(a) == 1
 
 
 def test_product_create_announces_on_commit(django_capture_on_commit_callbacks):
-    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+    with django_capture_on_commit_callbacks(using=service_db("inventory"), execute=False) as callbacks:
         product = services.product_create(sku="ANN-1", name="Announced", price=Decimal("2.50"), stock=3)
 
     assert len(callbacks) == 1
@@ -283,7 +284,10 @@ def test_product_create_with_a_taken_sku_is_refused(make_product, django_capture
     make_product(sku="DUP-1")
 
     # full_clean's unique check answers first; the database's constraint (Conflict) covers a race
-    with django_capture_on_commit_callbacks(execute=False) as callbacks, pytest.raises(ValidationError) as raised:
+    with (
+        django_capture_on_commit_callbacks(using=service_db("inventory"), execute=False) as callbacks,
+        pytest.raises(ValidationError) as raised,
+    ):
         services.product_create(sku="DUP-1", name="Again", price=Decimal("1.00"))
 
     assert "sku" in raised.value.message_dict
@@ -294,7 +298,7 @@ def test_product_create_with_a_taken_sku_is_refused(make_product, django_capture
 def test_product_update_bumps_the_version_and_announces(make_product, django_capture_on_commit_callbacks):
     product = make_product(name="Old name")
 
-    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+    with django_capture_on_commit_callbacks(using=service_db("inventory"), execute=False) as callbacks:
         updated = services.product_update(product_id=product.pk, name="New name")
 
     assert updated.version == product.version + 1
@@ -379,7 +383,7 @@ def check_books(products: list[Product], initial: list[int], orders: dict[int, d
 )
 def test_any_interleaving_of_steps_and_undos_keeps_the_books(initial, wanted, steps):
     try:
-        with transaction.atomic():
+        with transaction.atomic(using=service_db("inventory")):
             products = [
                 services.product_create(sku=f"PROP-{i}", name=f"prop {i}", price=Decimal("1.00"), stock=stock)
                 for i, stock in enumerate(initial)

@@ -5,9 +5,16 @@ transactions, so orders stay `pending` unless a test drives the services.
 """
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from django.conf import settings
+from django.core.cache import caches
+from django.core.cache.backends.filebased import FileBasedCache
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
@@ -17,6 +24,7 @@ from orders.models import CancelledOrder, Order, OrderLine
 pytestmark = pytest.mark.django_db
 
 ORDERS = "/api/orders/"
+MULTIPART = "multipart/form-data; boundary=x"
 
 
 def detail(order_id: int) -> str:
@@ -43,6 +51,14 @@ def assert_error(response, status: int, *, code: str | None = None, fields: bool
 def assert_nothing_written() -> None:
     assert Order.objects.count() == 0
     assert OrderLine.objects.count() == 0
+
+
+@pytest.fixture(autouse=True)
+def fresh_throttle():
+    """No order-creation history from earlier tests or runs (the throttle's file cache outlives both)."""
+    caches["throttle"].clear()
+    yield
+    caches["throttle"].clear()
 
 
 @pytest.fixture
@@ -95,6 +111,11 @@ def test_post_places_a_pending_order(api, product, user):
         {"lines": [{"product": 10_000_000, "quantity": 1}]},
         {"lines": [{"product": 2**63, "quantity": 1}]},
         {"lines": [{"product": 10**30, "quantity": 1}]},
+        {"lines": [{"product": "1 OR 1=1", "quantity": 1}]},
+        {"lines": [{"product": "1; DROP TABLE orders_order; --", "quantity": 1}]},
+        {"lines": [{"product": "P", "quantity": "1 OR 1=1"}]},
+        {"lines": [{"product": {"$gt": 0}, "quantity": 1}]},
+        {"lines": [[{"product": "P", "quantity": 1}]]},
         [{"product": "P", "quantity": 1}],
     ],
 )
@@ -144,10 +165,29 @@ def test_post_refuses_too_many_lines(api, make_product):
     assert_nothing_written()
 
 
-def test_post_refuses_malformed_json(api, product):
-    response = api.post(ORDERS, '{"lines": [', content_type="application/json")
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"lines": [',
+        b'{"lines": [{"product": 1, "quantity": 1}]} trailing',
+        b'{"lines": [{"product": NaN, "quantity": 1}]}',
+        b'\xff\xfe{"lines": []}',  # not UTF-8
+        b"[" * 30_000,  # nested past the json module's recursion limit, still under the size limit
+        b'{"lines": ' + b"[" * 20_000 + b"]" * 20_000 + b"}",
+    ],
+)
+def test_post_refuses_malformed_json(api, product, raw):
+    response = api.post(ORDERS, raw, content_type="application/json")
 
-    assert_error(response, 400, code="parse_error")
+    assert_error(response, 400, code="parse_error", fields=False)
+    assert_nothing_written()
+
+
+@pytest.mark.parametrize("raw", [b"", b"null", b"42", b'"lines"', b"true"])
+def test_post_refuses_json_that_is_not_an_object(api, product, raw):
+    response = api.post(ORDERS, raw, content_type="application/json")
+
+    assert_error(response, 400, code="invalid", fields=True)
     assert_nothing_written()
 
 
@@ -156,6 +196,8 @@ def test_post_refuses_malformed_json(api, product):
     [
         ("lines=1", "application/x-www-form-urlencoded"),
         ('{"lines": []}', "text/plain"),
+        ("<lines><line product='1' quantity='1'/></lines>", "application/xml"),
+        ('--x\r\nContent-Disposition: form-data; name="lines"\r\n\r\n1\r\n--x--\r\n', MULTIPART),
     ],
 )
 def test_post_refuses_other_content_types(api, product, data, content_type):
@@ -191,6 +233,23 @@ def test_anonymous_requests_get_401(product, user):
         # TokenAuthentication comes first, so DRF names the scheme (and answers 401, not 403)
         assert response["WWW-Authenticate"] == "Token"
     assert Order.objects.count() == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("post", ORDERS, '{"lines": ['),  # malformed: still 401, not 400
+        ("post", ORDERS, "lines=1"),  # wrong content type: 401, not 415
+        ("get", detail(10**6), None),  # unknown id: 401, not 404
+        ("post", f"{detail(10**6)}cancel/", None),
+        ("get", f"{ORDERS}?status=shipped", None),
+    ],
+)
+def test_anonymous_requests_learn_nothing_but_401(method, path, body):
+    response = getattr(APIClient(), method)(path, body, content_type="application/json")
+
+    assert_error(response, 401, code="not_authenticated")
+    assert_nothing_written()
 
 
 def test_a_token_authenticates(user, product):
@@ -232,9 +291,22 @@ def test_idempotency_key_with_another_body_is_a_conflict(api, product):
     assert Order.objects.count() == 1
 
 
-def test_an_overlong_idempotency_key_is_refused(api, product):
+def test_an_idempotency_key_with_sql_is_just_a_key(api, product):
+    body = {"lines": [{"product": product.pk, "quantity": 1}]}
+    key = "k'); DELETE FROM orders_order; --"
+
+    first = api.post(ORDERS, body, format="json", HTTP_IDEMPOTENCY_KEY=key)
+    again = api.post(ORDERS, body, format="json", HTTP_IDEMPOTENCY_KEY=key)
+
+    assert first.status_code == again.status_code == 202
+    assert again.json()["id"] == first.json()["id"]
+    assert Order.objects.get().idempotency_key == key
+
+
+@pytest.mark.parametrize("key", ["", "k" * 256])
+def test_an_empty_or_overlong_idempotency_key_is_refused(api, product, key):
     response = api.post(
-        ORDERS, {"lines": [{"product": product.pk, "quantity": 1}]}, format="json", HTTP_IDEMPOTENCY_KEY="k" * 256
+        ORDERS, {"lines": [{"product": product.pk, "quantity": 1}]}, format="json", HTTP_IDEMPOTENCY_KEY=key
     )
 
     assert_error(response, 400, fields=True)
@@ -305,6 +377,67 @@ def test_an_id_beyond_the_column_is_404(api, order_id):
     assert_error(api.post(f"{detail(order_id)}cancel/"), 404, code="not_found")
 
 
+@pytest.mark.parametrize(
+    "raw_id",
+    ["abc", "1 OR 1=1", "1; DROP TABLE orders_order", "1' --", "-1", "1.0", "0x1", "1e3", "\x00", "%00", "../1"],
+)
+def test_ids_that_are_strings_or_sql_are_404(api, product, user, raw_id):
+    order = place(user, product)
+
+    for path in (f"{ORDERS}{quote(raw_id)}/", f"{ORDERS}{quote(raw_id)}/cancel/"):
+        assert_error(api.get(path), 404, code="not_found")
+        assert_error(api.post(path), 404, code="not_found")
+    order.refresh_from_db()
+    assert order.status == "pending"
+    assert Order.objects.count() == 1
+
+
+@pytest.mark.parametrize(
+    ("query", "status"),
+    [
+        ({"status": "pending' OR '1'='1"}, 400),
+        ({"status": "pending; DROP TABLE orders_order"}, 400),
+        ({"page": "1 OR 1=1"}, 404),
+        ({"page": "0"}, 404),
+        ({"page": "99"}, 404),
+    ],
+)
+def test_list_query_parameters_with_sql_are_refused(api, product, user, other_user, query, status):
+    place(other_user, product)
+
+    response = api.get(ORDERS, query)
+
+    assert_error(response, status)
+    assert Order.objects.count() == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("put", ORDERS),
+        ("patch", ORDERS),
+        ("delete", ORDERS),
+        ("put", "ORDER"),
+        ("patch", "ORDER"),
+        ("delete", "ORDER"),
+        ("post", "ORDER"),
+        ("get", "CANCEL"),
+        ("delete", "CANCEL"),
+    ],
+)
+def test_other_methods_are_405_and_change_nothing(api, product, user, method, path):
+    order = place(user, product)
+    path = {"ORDER": detail(order.pk), "CANCEL": f"{detail(order.pk)}cancel/"}.get(path, path)
+
+    response = getattr(api, method)(path, {"lines": [{"product": product.pk, "quantity": 1}]}, format="json")
+
+    assert_error(response, 405, code="method_not_allowed")
+    assert method.upper() not in response["Allow"]
+    order.refresh_from_db()
+    assert order.status == "pending"
+    assert Order.objects.count() == 1
+
+
 def test_staff_may_see_any_order(staff_api, product, user):
     order = place(user, product)
 
@@ -361,13 +494,88 @@ def test_cancel_starts_compensation(api, product, user, django_capture_on_commit
     assert len(callbacks) == 1
 
 
-def test_cancel_of_a_cancelled_order_is_410(api, product, user):
+def test_cancel_of_a_cancelled_order_is_not_an_error(api, product, user):
     order = place(user, product)
     services.order_compensate(order_id=order.pk, reason="gone")
     services.order_delete(order_id=order.pk)
 
     response = api.post(f"{detail(order.pk)}cancel/")
 
-    assert response.status_code == 410
+    assert response.status_code == 200
     assert response.json()["status"] == "cancelled"
+    assert response.json()["reason"] == "gone"  # the first reason stays
     assert CancelledOrder.objects.count() == 1
+
+
+# --- throttling (ORDER_CREATE_THROTTLE) -------------------------------------------
+
+
+def test_order_creation_is_throttled_per_user_with_retry_after(api, product, other_user, settings):
+    settings.ORDER_CREATE_THROTTLE = "3/min"
+    body = {"lines": [{"product": product.pk, "quantity": 1}]}
+
+    placed = [api.post(ORDERS, body, format="json").status_code for _ in range(3)]
+    refused = api.post(ORDERS, body, format="json")
+
+    assert placed == [202, 202, 202]
+    assert_error(refused, 429, code="throttled", fields=False)
+    assert 1 <= int(refused["Retry-After"]) <= 60
+    assert Order.objects.count() == 3
+    # Only placing orders is limited, and per user.
+    assert api.get(ORDERS).status_code == 200
+    theirs = APIClient()
+    theirs.force_authenticate(other_user)
+    assert theirs.post(ORDERS, body, format="json").status_code == 202
+
+
+def test_refused_posts_count_too(api, product, settings):
+    settings.ORDER_CREATE_THROTTLE = "2/min"
+
+    bad = [api.post(ORDERS, {"lines": []}, format="json").status_code for _ in range(2)]
+    good = api.post(ORDERS, {"lines": [{"product": product.pk, "quantity": 1}]}, format="json")
+
+    assert bad == [400, 400]
+    assert_error(good, 429, code="throttled")
+    assert_nothing_written()
+
+
+def test_throttling_can_be_switched_off(api, product, settings):
+    settings.ORDER_CREATE_THROTTLE = None
+
+    statuses = {api.post(ORDERS, {"lines": [{"product": product.pk, "quantity": 1}]}, format="json").status_code}
+    statuses |= {api.post(ORDERS, {"lines": [{"product": product.pk, "quantity": 1}]}, format="json").status_code}
+
+    assert statuses == {202}
+
+
+SEE_THROTTLE = """
+import sys, types
+import django
+django.setup()
+from project.throttles import OrderCreateThrottle
+user = types.SimpleNamespace(pk=int(sys.argv[1]), is_authenticated=True)
+request = types.SimpleNamespace(user=user, method="POST", META={})
+print("allowed" if OrderCreateThrottle().allow_request(request, None) else "throttled")
+"""
+
+
+def test_every_web_process_shares_the_throttle(api, product, user, settings):
+    """gunicorn runs several processes: a history kept per process would multiply the limit."""
+    if not isinstance(caches["throttle"], FileBasedCache):
+        pytest.skip("THROTTLE_CACHE_URL names another cache than the default file cache")
+    settings.ORDER_CREATE_THROTTLE = "2/min"
+    for _ in range(2):
+        assert api.post(ORDERS, {"lines": [{"product": product.pk, "quantity": 1}]}, format="json").status_code == 202
+
+    env = {**os.environ, "ORDER_CREATE_THROTTLE": "2/min", "DJANGO_SETTINGS_MODULE": "project.settings"}
+    other_process = subprocess.run(
+        [sys.executable, "-c", SEE_THROTTLE, str(user.pk)],
+        cwd=Path(settings.BASE_DIR),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+    assert other_process.stdout.strip() == "throttled", other_process.stderr

@@ -1,8 +1,9 @@
-"""`/healthz`: 200 only when every database and the broker answer."""
+"""`/healthz` (liveness: the process answers) and `/readyz` (every database and the broker answer)."""
 
 from unittest import mock
 
 import pytest
+from django.db import connections
 from kombu.exceptions import OperationalError as BrokerOperationalError
 
 from project import health
@@ -11,24 +12,59 @@ from project.celery import app as celery_app
 pytestmark = pytest.mark.django_db
 
 HEALTHZ = "/healthz"
+READYZ = "/readyz"
 
 
-def test_healthy_on_the_configured_database_and_broker(client):
-    # Talks to the real broker the settings name (filesystem:// or RabbitMQ).
+def all_databases_ok() -> dict[str, str]:
+    return {f"database:{alias}": "ok" for alias in connections}
+
+
+# --- /healthz: liveness ---------------------------------------------------------
+
+
+def test_healthz_is_200_without_login(client):
+    client.logout()
     response = client.get(HEALTHZ)
 
-    assert response.status_code == 200, response.content
-    body = response.json()
-    assert body["status"] == "ok"
-    assert body["checks"]["broker"] == "ok"
-    assert body["checks"]["database:default"] == "ok"
-    assert all(value == "ok" for value in body["checks"].values())
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
     assert "no-cache" in response["Cache-Control"] or "max-age=0" in response["Cache-Control"]
 
 
-def test_needs_no_login(client):
+def test_healthz_touches_neither_database_nor_broker(client):
+    """A database or broker outage must not get live web processes restarted."""
+    with (
+        mock.patch.object(health, "_check_database", side_effect=AssertionError("database probed")),
+        mock.patch.object(health, "_check_broker", side_effect=AssertionError("broker probed")),
+        mock.patch.object(celery_app, "connection_for_write", side_effect=AssertionError("broker used")),
+    ):
+        response = client.get(HEALTHZ)
+
+    assert response.status_code == 200
+
+
+# --- /readyz: readiness ---------------------------------------------------------------
+
+
+def test_ready_on_the_configured_databases_and_broker(client):
+    # Talks to the real broker and every database alias the settings name.
+    response = client.get(READYZ)
+
+    assert response.status_code == 200, response.content
+    assert response.json() == {"status": "ok", "checks": {**all_databases_ok(), "broker": "ok"}}
+    assert "no-cache" in response["Cache-Control"] or "max-age=0" in response["Cache-Control"]
+
+
+def test_readyz_needs_no_login(client):
     client.logout()
-    assert client.get(HEALTHZ).status_code == 200
+    assert client.get(READYZ).status_code == 200
+
+
+def test_every_database_alias_is_probed(client):
+    with mock.patch.object(health, "_check_database") as probe:
+        client.get(READYZ)
+
+    assert sorted(call.args[0] for call in probe.call_args_list) == sorted(connections)
 
 
 def test_unreachable_broker_is_503(client, monkeypatch):
@@ -37,24 +73,26 @@ def test_unreachable_broker_is_503(client, monkeypatch):
     monkeypatch.setitem(celery_app.conf, "broker_transport", "amqp")
     monkeypatch.setitem(celery_app.conf, "broker_transport_options", {})
 
-    response = client.get(HEALTHZ)
+    response = client.get(READYZ)
 
     assert response.status_code == 503
     body = response.json()
     assert body["status"] == "unavailable"
     assert body["checks"]["broker"].startswith("error: ")
     assert body["checks"]["database:default"] == "ok"
+    # Liveness does not care.
+    assert client.get(HEALTHZ).status_code == 200
 
 
 def test_broker_error_maps_to_503(client):
     # Mocked on purpose: what is under test is the view's mapping of a failed probe.
     with mock.patch.object(health, "_check_broker", side_effect=BrokerOperationalError("down")):
-        response = client.get(HEALTHZ)
+        response = client.get(READYZ)
 
     assert response.status_code == 503
     assert response.json() == {
         "status": "unavailable",
-        "checks": {"database:default": "ok", "broker": "error: OperationalError"},
+        "checks": {**all_databases_ok(), "broker": "error: OperationalError"},
     }
 
 
@@ -63,7 +101,7 @@ def test_database_error_maps_to_503(client):
     from django.db import OperationalError
 
     with mock.patch.object(health, "_check_database", side_effect=OperationalError("gone")):
-        response = client.get(HEALTHZ)
+        response = client.get(READYZ)
 
     assert response.status_code == 503
     body = response.json()
@@ -71,5 +109,32 @@ def test_database_error_maps_to_503(client):
     assert body["checks"]["broker"] == "ok"
 
 
-def test_only_get(client):
-    assert client.post(HEALTHZ).status_code == 405
+def test_one_failing_service_database_is_named(client):
+    real = health._check_database
+
+    def probe(alias):
+        if alias == list(connections)[-1]:
+            raise RuntimeError("gone")
+        real(alias)
+
+    with mock.patch.object(health, "_check_database", side_effect=probe):
+        body = client.get(READYZ).json()
+
+    last = list(connections)[-1]
+    assert body["status"] == "unavailable"
+    assert body["checks"][f"database:{last}"].startswith("error: ")
+    assert all(value == "ok" for name, value in body["checks"].items() if name != f"database:{last}")
+
+
+@pytest.mark.parametrize("path", [HEALTHZ, READYZ])
+def test_only_get(client, path):
+    assert client.post(path).status_code == 405
+
+
+@pytest.mark.parametrize("path", [HEALTHZ, READYZ])
+def test_probes_answer_over_plain_http_with_the_ssl_redirect_on(client, settings, path):
+    """Probes come over plain http from inside (compose healthchecks, load balancers)."""
+    settings.SECURE_SSL_REDIRECT = True
+
+    assert client.get(path).status_code == 200
+    assert client.get("/api/products/").status_code == 301  # everything else is redirected

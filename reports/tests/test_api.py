@@ -66,3 +66,11 @@ def test_reports_are_read_only(staff_api):
 
     assert response.status_code == 405
     assert set(response.json()) <= {"code", "detail", "fields"}
+
+
+@pytest.mark.parametrize(("query", "status"), [({"page": "1 OR 1=1"}, 404), ({"page": "99"}, 404)])
+def test_bad_pages_are_404_in_the_error_shape(api, query, status):
+    response = api.get(REPORTS, query)
+
+    assert response.status_code == status
+    assert set(response.json()) == {"code", "detail"}

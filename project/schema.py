@@ -1,0 +1,82 @@
+"""What the OpenAPI description (drf-spectacular) shares across the services' APIs.
+
+The error body of project/errors.py as one component, the documented error
+responses built from it, and the parameters more than one view declares.
+"""
+
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse
+from rest_framework import serializers
+
+from project.fields import MAX_ID
+
+
+class ErrorSerializer(serializers.Serializer):
+    """Every error the API answers with, whatever the status."""
+
+    code = serializers.CharField(
+        help_text=(
+            "What went wrong, for programs: `invalid`, `parse_error`, `not_authenticated`, "
+            "`authentication_failed`, `permission_denied`, `not_found`, `method_not_allowed`, `conflict`, "
+            "`insufficient_stock`, `request_too_large`, `unsupported_media_type`, `throttled`, ..."
+        )
+    )
+    detail = serializers.CharField(help_text="What went wrong, for people.")
+    fields = serializers.DictField(
+        required=False,
+        help_text=(
+            "Input errors only (400): the request's shape with messages at the leaves, e.g. "
+            '`{"lines": {"0": {"quantity": ["..."]}}}` (order lines are keyed by their index).'
+        ),
+    )
+
+    class Meta:
+        ref_name = "Error"
+
+
+_DESCRIPTIONS = {
+    400: "The request is not valid (`invalid`, with `fields`), or its JSON does not parse (`parse_error`). "
+    "Nothing was written.",
+    401: "No credentials (`not_authenticated`) or bad ones (`authentication_failed`).",
+    403: "Signed in but not allowed (`permission_denied`): a write by a non-staff user, "
+    "or a session-authenticated write without its CSRF token.",
+    404: "No such resource, or not yours (`not_found`): another user's order answers 404, not 403.",
+    405: "The resource does not answer this method (`method_not_allowed`); `Allow` lists the ones it does.",
+    409: "Conflict with the current state (`conflict`, `insufficient_stock`). Nothing was written.",
+    413: "The body is larger than `DATA_UPLOAD_MAX_MEMORY_SIZE` (`request_too_large`); it was not read.",
+    415: "The body is not `application/json` (`unsupported_media_type`).",
+    429: "Too many requests (`throttled`): wait `Retry-After` seconds.",
+}
+
+
+def errors(*statuses: int, **descriptions: str) -> dict[int, OpenApiResponse]:
+    """Documented error responses in the one error shape; `_409="..."` overrides a description."""
+    return {
+        status: OpenApiResponse(ErrorSerializer, description=descriptions.get(f"_{status}", _DESCRIPTIONS[status]))
+        for status in statuses
+    }
+
+
+def id_parameter(name: str, what: str) -> OpenApiParameter:
+    return OpenApiParameter(
+        name,
+        type={"type": "integer", "minimum": 1, "maximum": MAX_ID},
+        location=OpenApiParameter.PATH,
+        description=f"The {what}'s id.",
+    )
+
+
+# Response headers.
+WWW_AUTHENTICATE = OpenApiParameter(
+    "WWW-Authenticate",
+    type=str,
+    location=OpenApiParameter.HEADER,
+    response=[401],
+    description="`Token`: the scheme to authenticate with.",
+)
+RETRY_AFTER = OpenApiParameter(
+    "Retry-After",
+    type={"type": "integer", "minimum": 1},
+    location=OpenApiParameter.HEADER,
+    response=[429],
+    description="Seconds to wait before placing another order.",
+)

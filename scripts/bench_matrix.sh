@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The runs behind the README's "Performance" section: every configuration RUNS times,
+# each run one `bench_orders --spawn --baseline --json` (workers, and gunicorn for --via api,
+# started and stopped by the bench), JSON documents written to $OUT.
+#
+#   scripts/bench_matrix.sh postgres   # DATABASE_URL / CELERY_BROKER_URL must point at PostgreSQL + RabbitMQ
+#   scripts/bench_matrix.sh embedded   # SQLite + filesystem broker under $ORDERFLOW_VAR_DIR
+#
+# ONLY=regex runs only the configurations whose name matches; RUNS=n runs each n times (3).
+# Then: .venv/bin/python scripts/plot_bench.py $OUT/postgres-*.json -o docs/img/bench-postgres.png
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHAPE=${1:?postgres or embedded}
+RUNS=${RUNS:-3}
+OUT=${OUT:-var/bench-results}
+PY=${PY:-.venv/bin/python}
+mkdir -p "$OUT"
+
+bench() {  # name, then bench_orders arguments
+    local name=$1; shift
+    [[ "$name" =~ ${ONLY:-.} ]] || return 0
+    for run in $(seq 1 "$RUNS"); do
+        "$PY" manage.py bench_orders --spawn --baseline --json "$@" > "$OUT/$SHAPE-$name-$run.json" 2> "$OUT/$SHAPE-$name-$run.log" \
+            || echo "run $SHAPE-$name-$run FAILED (see $OUT/$SHAPE-$name-$run.log)" >&2
+    done
+}
+
+if [ "$SHAPE" = postgres ]; then
+    bench service-burst --via service --orders 1000 --concurrency 16
+    bench api-burst --via api --orders 1000 --concurrency 16
+    bench service-rate50 --via service --orders 500 --concurrency 16 --rate 50
+    bench api-rate50 --via api --orders 500 --concurrency 16 --rate 50
+    bench service-rate25 --via service --orders 250 --concurrency 16 --rate 25
+    bench service-rate100 --via service --orders 800 --concurrency 16 --rate 100
+    bench service-burst-threads --via service --orders 1000 --concurrency 16 --worker-pool threads --worker-concurrency 4
+else
+    bench service-burst --via service --orders 500 --concurrency 16
+    bench api-burst --via api --orders 500 --concurrency 16
+    bench service-rate25 --via service --orders 250 --concurrency 16 --rate 25
+    bench service-rate50 --via service --orders 500 --concurrency 16 --rate 50
+fi
