@@ -22,6 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after the backend is chosen
+from matplotlib import ticker
 
 
 def load(paths: list[Path]) -> dict[tuple[str, float | None], list[dict]]:
@@ -97,6 +98,10 @@ def plot(groups, output: Path, title: str) -> None:
         title="Throughput",
     )
     right.set(xlabel="offered load (orders/s)", ylabel="milliseconds (median of runs)", title="Latency", yscale="log")
+    right.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    right.yaxis.set_minor_formatter(
+        ticker.FuncFormatter(lambda value, _: f"{value:g}" if str(value)[0] in "25" else "")
+    )
     for axes in (left, right):
         axes.grid(True, alpha=0.3)
         axes.legend(fontsize=7)
