@@ -11,7 +11,6 @@ by order id through OrderReservation, so each step and undo is idempotent.
 import logging
 from collections.abc import Iterable, Mapping
 from decimal import Decimal
-from functools import partial
 from typing import Any
 
 from django.db import IntegrityError, transaction
@@ -19,7 +18,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from project.celery import app
-from project.db import claim_row, service_db
+from project.db import after_commit, claim_row, service_db
 from project.errors import Conflict
 from project.saga import InvalidMessage, SagaAborted
 
@@ -46,7 +45,7 @@ def _announce(product: Product) -> None:
     # robust: a broker outage must not turn a committed change into a 500; the
     # reports row is also created by the first sale, and the next change
     # re-announces the product.
-    transaction.on_commit(partial(app.send_task, "reports.product_sync", kwargs=event), using=_db(), robust=True)
+    after_commit(_db(), app.send_task, "reports.product_sync", kwargs=event, robust=True)
 
 
 def product_create(*, sku: str, name: str, price: Decimal, stock: int = 0, active: bool = True) -> Product:

@@ -12,7 +12,6 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import partial
 from typing import Any
 
 from django.conf import settings
@@ -23,7 +22,7 @@ from django.utils import timezone
 
 from inventory import public as inventory
 from project import faults
-from project.db import service_db
+from project.db import after_commit, service_db
 from project.errors import Conflict, InvalidInput
 from project.saga import SagaAborted
 from reports import public as reports
@@ -120,7 +119,7 @@ def _dispatch(order: Order, lines: list[OrderLine] | None = None) -> None:
     robust: if the broker is down the order is still committed and the client
     still gets its 202; the order stays pending and the sweeper publishes it.
     """
-    transaction.on_commit(partial(_publish, order_saga(order, lines), order.pk), using=_db(), robust=True)
+    after_commit(_db(), _publish, order_saga(order, lines), order.pk, robust=True)
 
 
 def order_create(*, user: AbstractBaseUser, lines: Any, idempotency_key: str | None = None) -> PlacedOrder:
@@ -231,7 +230,7 @@ def order_compensate(*, order_id: int, reason: str = "", force: bool = False, ro
         # A task wants a publish failure raised (it retries); a web request
         # (robust) wants its 202: the order is `cancelling` either way and the
         # sweeper re-publishes compensation for orders left so.
-        transaction.on_commit(partial(compensation_saga(order_id).apply_async), using=_db(), robust=robust)
+        after_commit(_db(), compensation_saga(order_id).apply_async, robust=robust)
     logger.info("order %s: compensation started (%s)", order_id, reason or "a saga step failed")
     return True
 

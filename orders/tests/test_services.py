@@ -724,3 +724,24 @@ def test_each_task_routes_to_its_service_queue(name, queue):
     route = celery_app.amqp.router.route({}, name)
     assert route["queue"].name == queue
     assert route["routing_key"] == queue
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_publish_failure_after_commit_keeps_the_order_for_the_sweeper(user, settings, tmp_path, caplog):
+    """The broker refuses the saga after the order committed: the caller still gets its order.
+
+    Django logs a failed robust on_commit callback by its __qualname__; a bare
+    functools.partial has none, and the AttributeError used to escape as a 500.
+    """
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps({"orders.dispatch": {"action": "transient"}}))  # fails before publishing
+    settings.ORDERFLOW_FAULTS_FILE = str(faults)
+    product = Product.objects.create(sku="PUB-1", name="Published", price=Decimal("1.00"), stock=3)
+
+    placed = services.order_create(user=user, lines=[{"product": product.pk, "quantity": 1}])
+
+    order = Order.objects.get(pk=placed.order.pk)
+    assert order.status == "pending"
+    assert order.dispatch_attempts == 1  # the sweeper takes it from here
+    assert "Error calling _publish in on_commit()" in caplog.text
+    assert "injected transient error in orders.dispatch" in caplog.text
