@@ -109,6 +109,18 @@ def make_product():
 
 
 @pytest.fixture
+def admin_superuser(django_user_model):
+    return django_user_model.objects.create_superuser(username="root", password="root-password-1")
+
+
+@pytest.fixture
+def admin_client(client, admin_superuser):
+    """Django's test client logged in to the admin as a superuser."""
+    client.force_login(admin_superuser)
+    return client
+
+
+@pytest.fixture
 def api(user) -> APIClient:
     client = APIClient()
     client.force_authenticate(user)

@@ -17,17 +17,6 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def admin_superuser(django_user_model):
-    return django_user_model.objects.create_superuser(username="root", password="root-password-1")
-
-
-@pytest.fixture
-def admin_client(client, admin_superuser):
-    client.force_login(admin_superuser)
-    return client
-
-
-@pytest.fixture
 def calls(monkeypatch):
     """Record every call made to the inventory services (they still run); tests clear it after their setup."""
     seen: list[tuple[str, dict]] = []

@@ -21,17 +21,6 @@ ADD_URL = "admin:orders_order_add"
 LIST_URL = "admin:orders_order_changelist"
 
 
-@pytest.fixture
-def admin_superuser(django_user_model):
-    return django_user_model.objects.create_superuser(username="root", password="root-password-1")
-
-
-@pytest.fixture
-def admin_client(client, admin_superuser):
-    client.force_login(admin_superuser)
-    return client
-
-
 def add_data(user, lines, *, form_key="admin-form-test-1", total_forms=3) -> dict:
     """The POST of the "Add order" page: a customer and (product id, quantity) rows."""
     data = {
