@@ -182,6 +182,18 @@ def quiesce(timeout: float = 90) -> None:
     wait_for(settled, timeout=timeout, interval=0.2, what="the workers to go idle")
 
 
+def terminate(process: subprocess.Popen) -> None:
+    """Stop a process started in its own session: SIGTERM to its group, SIGKILL after 20 s."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
 class Workers:
     """The worker processes of a saga test session, and the faults they obey."""
 
@@ -239,14 +251,8 @@ class Workers:
 
     def stop(self, queue: str) -> None:
         process = self.processes.pop(queue, None)
-        if process is None or process.poll() is not None:
-            return
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        if process is not None:
+            terminate(process)
 
     def pid(self, queue: str) -> int:
         return self.processes[queue].pid

@@ -290,10 +290,17 @@ def order_cancel(*, order: Order) -> bool:
     return order_compensate(order_id=order.pk, reason=USER_CANCEL_REASON, force=True, robust=True)
 
 
-def order_redispatch(*, order_id: int) -> bool:
-    """Publish the saga again for a pending order (the sweeper, or staff in the admin)."""
+def order_redispatch(*, order_id: int, dispatched_before=None) -> bool:
+    """Publish the saga again for a pending order (the sweeper, or staff in the admin).
+
+    `dispatched_before` (the sweeper's cutoff) is checked under the row lock, so
+    two overlapping sweeps cannot both count a dispatch for the same order.
+    """
     with transaction.atomic(using=_db()):
-        order = Order.objects.using(_db()).select_for_update().filter(pk=order_id, status=PENDING).first()
+        orders = Order.objects.using(_db()).select_for_update().filter(pk=order_id, status=PENDING)
+        if dispatched_before is not None:
+            orders = orders.filter(Q(last_dispatched_at__lt=dispatched_before) | Q(last_dispatched_at=None))
+        order = orders.first()
         if order is None:
             return False
         order.dispatch_attempts = F("dispatch_attempts") + 1
@@ -316,12 +323,12 @@ def saga_sweep(*, now=None) -> dict[str, int]:
     now = now or timezone.now()
     cutoff = now - timedelta(seconds=settings.SAGA_TIMEOUT_SECONDS)
     stuck = Order.objects.using(_db()).filter(
-        Q(status=PENDING, last_dispatched_at__lt=cutoff) | Q(status=PENDING, last_dispatched_at=None)
+        Q(last_dispatched_at__lt=cutoff) | Q(last_dispatched_at=None), status=PENDING
     )
     counts = {"redispatched": 0, "compensated": 0, "recompensated": 0}
     for order_id, attempts in stuck.values_list("pk", "dispatch_attempts")[:500]:
         if attempts < settings.SAGA_MAX_ATTEMPTS:
-            counts["redispatched"] += order_redispatch(order_id=order_id)
+            counts["redispatched"] += order_redispatch(order_id=order_id, dispatched_before=cutoff)
         else:
             reason = f"the saga did not finish after {attempts} dispatches; timed out"
             counts["compensated"] += order_compensate(order_id=order_id, reason=reason)

@@ -603,6 +603,20 @@ def test_redispatch_only_touches_pending_orders(user, make_product, django_captu
     assert Order.objects.get(pk=order.pk).dispatch_attempts == 1
 
 
+def test_two_overlapping_sweeps_count_one_dispatch(user, make_product, django_capture_on_commit_callbacks):
+    """Both sweeps listed the order as stuck; the second finds it dispatched since, under the lock."""
+    order = place(user, (make_product(), 1))
+    cutoff = timezone.now()
+    Order.objects.filter(pk=order.pk).update(last_dispatched_at=cutoff - timedelta(minutes=5))
+
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        assert services.order_redispatch(order_id=order.pk, dispatched_before=cutoff) is True
+        assert services.order_redispatch(order_id=order.pk, dispatched_before=cutoff) is False
+
+    assert len(callbacks) == 1
+    assert Order.objects.get(pk=order.pk).dispatch_attempts == 2
+
+
 # --- the saga's shape (orders/saga.py) ------------------------------------------
 
 

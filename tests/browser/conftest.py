@@ -10,7 +10,6 @@ never rewrite committed files.
 import base64
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import pytest
 from django.conf import settings
 from kombu import Exchange, Queue
 
-from conftest import BASE_DIR, Workers, wait_for
+from conftest import BASE_DIR, Workers, terminate, wait_for
 from project.celery import app as celery_app
 
 try:
@@ -210,13 +209,7 @@ def flower(workers: Workers, tmp_path: Path) -> Iterator[Flower]:
     finally:
         if not settings.CELERY_WORKER_SEND_TASK_EVENTS:
             _task_events(on=False)
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+        terminate(process)
         _drop_event_queues(_event_queues() - before)
 
 
