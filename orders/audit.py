@@ -14,7 +14,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from inventory import public as inventory
-from project.db import service_db
+from project.db import read_snapshot, service_db
 from reports import public as reports
 
 from .models import CancelledOrder, Order, OrderLine
@@ -40,6 +40,12 @@ def _order_lines() -> dict[int, dict[int, int]]:
 
 
 def audit(*, stale_after: timedelta | None = None, now=None) -> list[Violation]:
+    """Every violation of DESIGN §2's invariants, read from one snapshot per database."""
+    with read_snapshot(*(service_db(service) for service in settings.SERVICE_QUEUES)):
+        return _audit(stale_after=stale_after, now=now)
+
+
+def _audit(*, stale_after: timedelta | None, now) -> list[Violation]:
     now = now or timezone.now()
     if stale_after is None:
         stale_after = timedelta(seconds=settings.SAGA_TIMEOUT_SECONDS * (settings.SAGA_MAX_ATTEMPTS + 1))

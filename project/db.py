@@ -1,6 +1,7 @@
 """Which database alias owns each service's tables (DESIGN §6)."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from typing import Any
 
@@ -60,3 +61,25 @@ def claim_row(model: type[Model], *, using: str, **values: Any) -> Model:
         row._state.db = using
         return row
     return model._default_manager.using(using).select_for_update().get(pk=getattr(row, pk.attname))
+
+
+@contextmanager
+def read_snapshot(*aliases: str) -> Iterator[None]:
+    """Read each database in `aliases` from one snapshot, for a report that must add up.
+
+    On PostgreSQL every distinct alias gets a ``REPEATABLE READ READ ONLY``
+    transaction, so rows committed while the report reads (orders moving on
+    through the saga) are either all seen or not at all: with every service
+    on one database the report is exact under load; split databases still
+    skew between each other by the time between their first reads. Inside a
+    transaction already (tests), or on SQLite, it reads in what is there.
+    """
+    with ExitStack() as stack:
+        for alias in dict.fromkeys(aliases):
+            connection = connections[alias]
+            if connection.vendor != "postgresql" or connection.in_atomic_block:
+                continue
+            stack.enter_context(transaction.atomic(using=alias))
+            with connection.cursor() as cursor:
+                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        yield
