@@ -29,8 +29,8 @@ def after_commit(using: str, func: Callable[..., Any], /, *args: Any, robust: bo
     transaction.on_commit(callback, using=using, robust=robust)
 
 
-def claim_row(model: type[Model], *, using: str, **values: Any) -> Model:
-    """Insert `model`'s row keyed by its primary key unless it exists; return it locked.
+def claim_row(model: type[Model], *, using: str, **values: Any) -> tuple[Model, bool]:
+    """Insert `model`'s row keyed by its primary key unless it exists; return it locked, and whether it is new.
 
     The idempotency records of the saga's steps are claimed this way. A new
     row comes back from one ``INSERT … ON CONFLICT DO NOTHING RETURNING``: it
@@ -59,8 +59,8 @@ def claim_row(model: type[Model], *, using: str, **values: Any) -> Model:
     if inserted:
         row._state.adding = False
         row._state.db = using
-        return row
-    return model._default_manager.using(using).select_for_update().get(pk=getattr(row, pk.attname))
+        return row, True
+    return model._default_manager.using(using).select_for_update().get(pk=getattr(row, pk.attname)), False
 
 
 @contextmanager

@@ -9,6 +9,7 @@ import secrets
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 from kombu import Queue
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -19,7 +20,8 @@ if (BASE_DIR / ".env").is_file():
 
 # Everything the embedded shape writes (database, broker folders, beat
 # schedule, generated secret) lives here.
-VAR_DIR = Path(env("ORDERFLOW_VAR_DIR", default=str(BASE_DIR / "var")))
+# Relative to the working directory when relative (resolved once, so every path below is absolute).
+VAR_DIR = Path(env("ORDERFLOW_VAR_DIR", default="") or BASE_DIR / "var").resolve()
 VAR_DIR.mkdir(parents=True, exist_ok=True)
 
 
@@ -89,6 +91,8 @@ TEMPLATES = [
 
 def _database(url: str, name: str) -> dict:
     config = env.db_url_config(url)
+    if not config.get("ENGINE"):
+        raise ImproperlyConfigured(f"{name}: {url!r} is not a database URL (postgres://… or sqlite:///…)")
     config["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
     config["CONN_HEALTH_CHECKS"] = True
     if config["ENGINE"] == "django.db.backends.sqlite3":
@@ -106,7 +110,8 @@ def _database(url: str, name: str) -> dict:
 
 
 DATABASES = {
-    "default": _database(env("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'orderflow.sqlite3'}"), "orderflow"),
+    # Unset or empty: the embedded SQLite file.
+    "default": _database(env("DATABASE_URL", default="") or f"sqlite:///{VAR_DIR / 'orderflow.sqlite3'}", "orderflow"),
 }
 SERVICE_DATABASES = {"orders": "default", "inventory": "default", "reports": "default"}
 for _service in ("inventory", "reports"):
@@ -239,7 +244,7 @@ ORDERFLOW_FAULTS_FILE = env("ORDERFLOW_FAULTS_FILE", default=None)
 
 # --- Celery ----------------------------------------------------------------
 SERVICE_QUEUES = ("orders", "inventory", "reports")
-CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="filesystem://localhost/")
+CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="") or "filesystem://localhost/"
 _BROKER_DIR = VAR_DIR / "broker"
 if CELERY_BROKER_URL.startswith("filesystem"):
     for _sub in ("queue", "processed", "control"):

@@ -69,9 +69,9 @@ def parse_sale_lines(lines: Any) -> list[dict[str, Any]]:
     return sorted(parsed, key=lambda line: line["product"])
 
 
-def _claim(order_id: int, status: str, reason: str = "") -> ReportedOrder:
-    # One statement when the record is new (project.db.claim_row).
-    return claim_row(ReportedOrder, using=_db(), order_id=order_id, status=status, reason=reason)
+def _claim(order_id: int, status: str, **values: Any) -> tuple[ReportedOrder, bool]:
+    # The record, locked, and whether it is new: one statement then (project.db.claim_row).
+    return claim_row(ReportedOrder, using=_db(), order_id=order_id, status=status, **values)
 
 
 def _count(lines: list[dict[str, Any]], sign: int) -> list[dict[str, Any]]:
@@ -96,12 +96,15 @@ def _count(lines: list[dict[str, Any]], sign: int) -> list[dict[str, Any]]:
 def sale_record(*, order_id: int, lines: Any) -> str:
     """Count the order's lines in the product totals, once."""
     parsed = parse_sale_lines(lines)
+    counted = [{k: line[k] for k in ("product", "quantity", "amount")} for line in parsed]
     with transaction.atomic(using=_db()):
-        record = _claim(order_id, ReportedOrder.Status.NEW)
-        if record.status == RECORDED:
-            return RECORDED
-        if record.status in (REVERTED, FAILED):
-            raise SagaAborted(f"the sale of order {order_id} was already {record.status}")
+        # Claimed as recorded: the record and the totals commit together or not at all.
+        record, created = _claim(order_id, RECORDED, lines=counted)
+        if not created:
+            if record.status == RECORDED:
+                return RECORDED  # a duplicate delivery: already counted
+            if record.status in (REVERTED, FAILED):
+                raise SagaAborted(f"the sale of order {order_id} was already {record.status}")
         missing = _count(parsed, +1)
         if missing:
             # A sale may arrive before the product's event: the row starts from the
@@ -111,16 +114,17 @@ def sale_record(*, order_id: int, lines: Any) -> str:
                 ignore_conflicts=True,
             )
             _count(missing, +1)
-        record.status = RECORDED
-        record.lines = [{k: line[k] for k in ("product", "quantity", "amount")} for line in parsed]
-        record.save(using=_db(), update_fields=["status", "lines", "updated_at"])
+        if not created:  # `new`: no delivery finished it; this one does
+            record.status = RECORDED
+            record.lines = counted
+            record.save(using=_db(), update_fields=["status", "lines", "updated_at"])
     return RECORDED
 
 
 def sale_revert(*, order_id: int) -> str:
     """Take the order out of the totals if it was counted; leave a tombstone either way."""
     with transaction.atomic(using=_db()):
-        record = _claim(order_id, REVERTED)
+        record, _ = _claim(order_id, REVERTED)
         if record.status == RECORDED:
             _count(record.lines, -1)
         if record.status != REVERTED:
@@ -132,7 +136,7 @@ def sale_revert(*, order_id: int) -> str:
 def sale_failure_note(*, order_id: int, reason: str) -> None:
     """Keep why the reports step failed for this order (the first reason wins)."""
     with transaction.atomic(using=_db()):
-        record = _claim(order_id, FAILED, reason)
+        record, _ = _claim(order_id, FAILED, reason=reason)
         if not record.reason:
             record.reason = reason
             record.save(using=_db(), update_fields=["reason", "updated_at"])

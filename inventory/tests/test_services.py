@@ -56,6 +56,37 @@ def test_reserve_takes_every_line(make_product):
     assert record(1).reason == ""
 
 
+def test_a_first_reservation_is_one_transaction_of_five_statements(make_product, django_assert_num_queries):
+    """BEGIN, claim, the conditional UPDATE, the reservation rows, COMMIT: no read, no savepoint."""
+    a = make_product(stock=5)
+
+    with django_assert_num_queries(5, using=service_db("inventory")):
+        services.stock_reserve(
+            order_id=1, lines=[{"product": a.pk, "quantity": 2}]
+        )  # in the test's transaction: SAVEPOINT … RELEASE
+
+    assert (stock_of(a), record(1).status, active_reservations(1)) == (3, RESERVED, {a.pk: 2})
+
+
+def test_stock_back_between_the_shortfall_and_the_locked_look_is_taken(make_product, monkeypatch):
+    """The quick path fell short; by the time the rows are locked the stock is there: reserved, once."""
+    a = make_product(stock=5)
+    take = services._take
+    calls = []
+
+    def short_once(order_id, wanted):
+        calls.append(order_id)
+        if len(calls) == 1:
+            raise services._Shortfall(f"insufficient stock for product {a.pk}")
+        take(order_id, wanted)
+
+    monkeypatch.setattr(services, "_take", short_once)
+
+    assert services.stock_reserve(order_id=1, lines=[{"product": a.pk, "quantity": 2}]) == RESERVED
+    assert len(calls) == 2
+    assert (stock_of(a), record(1).status, record(1).reason, active_reservations(1)) == (3, RESERVED, "", {a.pk: 2})
+
+
 def test_reserve_with_one_short_line_reserves_nothing_and_says_why(make_product):
     a, b, c = make_product(stock=5), make_product(stock=1), make_product(stock=5)
     lines = [{"product": a.pk, "quantity": 2}, {"product": b.pk, "quantity": 3}, {"product": c.pk, "quantity": 1}]

@@ -50,6 +50,17 @@ def test_sale_record_counts_units_orders_and_revenue(products):
     assert public.recorded_orders([1, 2]) == {1: {101: 2, 102: 1}, 2: {101: 3}}
 
 
+def test_a_first_sale_is_one_transaction_of_four_statements(products, django_assert_num_queries):
+    """BEGIN, the record claimed as recorded, the totals' UPDATE, COMMIT."""
+    from project.db import service_db
+
+    with django_assert_num_queries(4, using=service_db("reports")):
+        services.sale_record(order_id=1, lines=[sale(101, 2, "2.50")])  # in the test's transaction: SAVEPOINT … RELEASE
+
+    assert totals(101) == (2, 1, Decimal("5.00"))
+    assert ReportedOrder.objects.get(order_id=1).lines == [{"product": 101, "quantity": 2, "amount": "5.00"}]
+
+
 def test_sale_record_delivered_twice_has_one_effect(products):
     lines = [sale(101, 2, "2.50")]
 
