@@ -11,6 +11,7 @@ from rest_framework.views import APIView
 from project.db import service_db
 from project.errors import NotFound
 from project.schema import WWW_AUTHENTICATE, errors, id_parameter
+from project.serializers import represent, represent_many
 
 from . import selectors, services
 from .serializers import ProductCreateInputSerializer, ProductOutputSerializer, ProductUpdateInputSerializer
@@ -39,7 +40,7 @@ class ProductListCreateApi(APIView):
     def get(self, request):
         paginator = self.pagination_class()
         page = paginator.paginate_queryset(selectors.product_list(), request, self)
-        return paginator.get_paginated_response(ProductOutputSerializer(page, many=True).data)
+        return paginator.get_paginated_response(represent_many(ProductOutputSerializer, page))
 
     @extend_schema(
         operation_id="products_create",
@@ -66,7 +67,7 @@ class ProductListCreateApi(APIView):
         payload = ProductCreateInputSerializer(data=request.data)
         payload.is_valid(raise_exception=True)
         product = services.product_create(**payload.validated_data)
-        return Response(ProductOutputSerializer(product).data, status=status.HTTP_201_CREATED)
+        return Response(represent(ProductOutputSerializer, product), status=status.HTTP_201_CREATED)
 
 
 class ProductDetailApi(APIView):
@@ -82,7 +83,7 @@ class ProductDetailApi(APIView):
         product = selectors.product_get(product_id=product_id)
         if product is None:
             raise NotFound(f"No product {product_id}.")
-        return Response(ProductOutputSerializer(product).data)
+        return Response(represent(ProductOutputSerializer, product))
 
     @extend_schema(
         operation_id="products_update",
@@ -122,4 +123,4 @@ class ProductDetailApi(APIView):
             if delta:
                 product = services.stock_adjust(product_id=product_id, delta=delta)
         product = selectors.product_get(product_id=product_id)
-        return Response(ProductOutputSerializer(product).data)
+        return Response(represent(ProductOutputSerializer, product))

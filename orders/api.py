@@ -8,6 +8,7 @@ from rest_framework.views import APIView
 
 from project.errors import InvalidInput, NotFound
 from project.schema import RETRY_AFTER, WWW_AUTHENTICATE, errors, id_parameter
+from project.serializers import represent, represent_many
 from project.throttles import OrderCreateThrottle
 
 from . import selectors, services
@@ -36,7 +37,7 @@ IDEMPOTENT_REPLAYED = OpenApiParameter(
 
 
 def _gone(cancelled: CancelledOrder) -> Response:
-    return Response(CancelledOrderOutputSerializer(cancelled).data, status=status.HTTP_410_GONE)
+    return Response(represent(CancelledOrderOutputSerializer, cancelled), status=status.HTTP_410_GONE)
 
 
 class OrderListCreateApi(APIView):
@@ -65,7 +66,7 @@ class OrderListCreateApi(APIView):
             raise InvalidInput("Unknown status filter.", fields={"status": [f"One of: {', '.join(STATUSES)}."]})
         paginator = self.pagination_class()
         page = paginator.paginate_queryset(selectors.order_list(user=request.user, status=wanted), request, self)
-        return paginator.get_paginated_response(OrderOutputSerializer(page, many=True).data)
+        return paginator.get_paginated_response(represent_many(OrderOutputSerializer, page))
 
     @extend_schema(
         operation_id="orders_create",
@@ -106,7 +107,7 @@ class OrderListCreateApi(APIView):
         )
         if placed.cancelled is not None:
             return _gone(placed.cancelled)
-        response = Response(OrderOutputSerializer(placed.order).data, status=status.HTTP_202_ACCEPTED)
+        response = Response(represent(OrderOutputSerializer, placed.order), status=status.HTTP_202_ACCEPTED)
         if not placed.created:
             response["Idempotent-Replayed"] = "true"
         return response
@@ -131,7 +132,7 @@ class OrderDetailApi(APIView):
             raise NotFound(f"No order {order_id}.")
         if isinstance(found, CancelledOrder):
             return _gone(found)
-        return Response(OrderOutputSerializer(found).data)
+        return Response(represent(OrderOutputSerializer, found))
 
 
 class OrderCancelApi(APIView):
@@ -165,12 +166,12 @@ class OrderCancelApi(APIView):
         if found is None:
             raise NotFound(f"No order {order_id}.")
         if isinstance(found, CancelledOrder):
-            return Response(CancelledOrderOutputSerializer(found).data, status=status.HTTP_200_OK)
+            return Response(represent(CancelledOrderOutputSerializer, found), status=status.HTTP_200_OK)
         services.order_cancel(order=found)
         # Compensation may already have deleted it: answer with what is there now.
         found = selectors.order_or_cancelled(user=request.user, order_id=order_id)
         if isinstance(found, CancelledOrder):
-            data = CancelledOrderOutputSerializer(found).data
+            data = represent(CancelledOrderOutputSerializer, found)
         else:
-            data = OrderOutputSerializer(found).data
+            data = represent(OrderOutputSerializer, found)
         return Response(data, status=status.HTTP_202_ACCEPTED)

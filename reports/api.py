@@ -5,6 +5,7 @@ from rest_framework.pagination import PageNumberPagination
 from rest_framework.views import APIView
 
 from project.schema import WWW_AUTHENTICATE, errors
+from project.serializers import represent_many
 
 from . import selectors
 from .serializers import ProductReportOutputSerializer
@@ -26,4 +27,4 @@ class ProductReportListApi(APIView):
     def get(self, request):
         paginator = self.pagination_class()
         page = paginator.paginate_queryset(selectors.product_report_list(), request, self)
-        return paginator.get_paginated_response(ProductReportOutputSerializer(page, many=True).data)
+        return paginator.get_paginated_response(represent_many(ProductReportOutputSerializer, page))
