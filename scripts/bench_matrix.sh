@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The runs behind the README's "Performance" section: every configuration RUNS times,
+# The runs behind the README's "Performance" section: every configuration RUNS times (round-robin),
 # each run one `bench_orders --spawn --baseline --json` (workers, and gunicorn for --via api,
 # started and stopped by the bench), JSON documents written to $OUT.
 #
@@ -16,26 +16,36 @@ OUT=${OUT:-var/bench-results}
 PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT"
 
-bench() {  # name, then bench_orders arguments
-    local name=$1; shift
+CONFIGS=()
+config() {  # name, then bench_orders arguments
+    local name=$1
     [[ "$name" =~ ${ONLY:-.} ]] || return 0
-    for run in $(seq 1 "$RUNS"); do
-        "$PY" manage.py bench_orders --spawn --baseline --json "$@" > "$OUT/$SHAPE-$name-$run.json" 2> "$OUT/$SHAPE-$name-$run.log" \
-            || echo "run $SHAPE-$name-$run FAILED (see $OUT/$SHAPE-$name-$run.log)" >&2
-    done
+    CONFIGS+=("$*")
 }
 
 if [ "$SHAPE" = postgres ]; then
-    bench service-burst --via service --orders 1000 --concurrency 16
-    bench api-burst --via api --orders 1000 --concurrency 16
-    bench service-rate50 --via service --orders 500 --concurrency 16 --rate 50
-    bench api-rate50 --via api --orders 500 --concurrency 16 --rate 50
-    bench service-rate25 --via service --orders 250 --concurrency 16 --rate 25
-    bench service-rate100 --via service --orders 800 --concurrency 16 --rate 100
-    bench service-burst-threads --via service --orders 1000 --concurrency 16 --worker-pool threads --worker-concurrency 4
+    config service-burst --via service --orders 1000 --concurrency 16
+    config api-burst --via api --orders 1000 --concurrency 16
+    config service-rate50 --via service --orders 500 --concurrency 16 --rate 50
+    config api-rate50 --via api --orders 500 --concurrency 16 --rate 50
+    config service-rate25 --via service --orders 250 --concurrency 16 --rate 25
+    config service-rate100 --via service --orders 800 --concurrency 16 --rate 100
+    config service-burst-threads --via service --orders 1000 --concurrency 16 --worker-pool threads --worker-concurrency 4
 else
-    bench service-burst --via service --orders 500 --concurrency 16
-    bench api-burst --via api --orders 500 --concurrency 16
-    bench service-rate25 --via service --orders 250 --concurrency 16 --rate 25
-    bench service-rate50 --via service --orders 500 --concurrency 16 --rate 50
+    config service-burst --via service --orders 500 --concurrency 16
+    config api-burst --via api --orders 500 --concurrency 16
+    config service-rate25 --via service --orders 250 --concurrency 16 --rate 25
+    config service-rate50 --via service --orders 500 --concurrency 16 --rate 50
 fi
+
+# Round-robin: run 1 of every configuration, then run 2 of every one, ... so a
+# stretch of a busier machine spreads over all of them instead of spoiling one.
+for run in $(seq 1 "$RUNS"); do
+    for entry in "${CONFIGS[@]}"; do
+        read -r -a args <<<"$entry"
+        name=${args[0]}
+        "$PY" manage.py bench_orders --spawn --baseline --json "${args[@]:1}" \
+            > "$OUT/$SHAPE-$name-$run.json" 2> "$OUT/$SHAPE-$name-$run.log" \
+            || echo "run $SHAPE-$name-$run FAILED (see $OUT/$SHAPE-$name-$run.log)" >&2
+    done
+done

@@ -29,8 +29,9 @@ STATEMENTS = [
     # Confirmed orders, with their lines.
     """
     INSERT INTO orders_order (user_id, status, idempotency_key, request_fingerprint, dispatch_attempts,
-                              last_dispatched_at, cancel_reason, failure_reason, created_at, updated_at, confirmed_at)
-    SELECT %(user)s, 'confirmed', NULL, '', 1, now() - interval '1 day', '', '',
+                              last_dispatched_at, cancel_reason, cancelled_from, failure_reason,
+                              created_at, updated_at, confirmed_at)
+    SELECT %(user)s, 'confirmed', NULL, '', 1, now() - interval '1 day', '', '', '',
            now() - interval '1 day', now() - interval '1 day', now() - interval '1 day'
     FROM generate_series(1, %(confirmed)s)
     """,

@@ -116,7 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", type=Path, help="JSON files written by bench_orders --json")
     parser.add_argument("-o", "--output", type=Path, default=Path("docs/img/bench.png"))
-    parser.add_argument("--title", default="orderflow bench_orders (2 cores, shared machine)")
+    parser.add_argument("--title", default="orderflow bench_orders (2 cores)")
     args = parser.parse_args()
     groups = load(args.inputs)
     if not groups:
