@@ -202,6 +202,7 @@ class Workers:
         self.faults_file = directory / "faults.json"
         self.faults_file.write_text("{}")
         self.processes: dict[str, subprocess.Popen] = {}
+        self.log_offsets: dict[str, int] = {}
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -224,8 +225,29 @@ class Workers:
                 env[f"DATABASE_URL_{alias.upper()}"] = _database_url(alias)
         return env
 
+    def session_log(self, queue: str) -> str:
+        """Everything the queue's worker logged this session (its file is appended to across restarts)."""
+        path = self.directory / f"worker-{queue}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
     def log(self, queue: str) -> str:
-        return (self.directory / f"worker-{queue}.log").read_text(errors="replace")
+        """What the queue's worker logged since the current test began.
+
+        Order ids repeat between tests (test_fuzz resets the sequences), so a
+        count of "order N …" lines must not see an earlier test's order N.
+        """
+        path = self.directory / f"worker-{queue}.log"
+        if not path.exists():
+            return ""
+        with path.open("rb") as file:
+            file.seek(self.log_offsets.get(queue, 0))
+            return file.read().decode(errors="replace")
+
+    def mark_logs(self) -> None:
+        """Start each queue's `log()` here: called as each test gets the workers."""
+        for queue in settings.SERVICE_QUEUES:
+            path = self.directory / f"worker-{queue}.log"
+            self.log_offsets[queue] = path.stat().st_size if path.exists() else 0
 
     def start(self, queue: str, concurrency: int = 2) -> None:
         log = open(self.directory / f"worker-{queue}.log", "ab")  # noqa: SIM115 (closed with the process)
@@ -244,8 +266,8 @@ class Workers:
 
         def ready():
             if process.poll() is not None:
-                pytest.fail(f"worker for {queue} exited with {process.returncode}:\n{self.log(queue)[-3000:]}")
-            return self.log(queue).count(" ready.") > seen
+                pytest.fail(f"worker for {queue} exited with {process.returncode}:\n{self.session_log(queue)[-3000:]}")
+            return self.session_log(queue).count(" ready.") > seen
 
         wait_for(ready, timeout=timeout, what=f"the {queue} worker to start")
 
@@ -285,8 +307,7 @@ class Workers:
     def restart(self, queue: str) -> None:
         if queue in self.processes:
             self.stop(queue)
-        log = self.directory / f"worker-{queue}.log"
-        seen = log.read_text(errors="replace").count(" ready.") if log.exists() else 0
+        seen = self.session_log(queue).count(" ready.")
         self.start(queue)
         self.wait_ready(queue, seen=seen)
 
@@ -332,6 +353,7 @@ def workers(celery_workers: Workers, transactional_db) -> Iterator[Workers]:
     for queue in settings.SERVICE_QUEUES:  # a test may have killed one
         if queue not in celery_workers.processes or celery_workers.processes[queue].poll() is not None:
             celery_workers.restart(queue)
+    celery_workers.mark_logs()
     yield celery_workers
     celery_workers.clear_faults()
     celery_workers.stop("beat")

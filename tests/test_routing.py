@@ -101,7 +101,7 @@ def test_the_saga_runs_with_exactly_one_worker_per_queue(workers, user, make_pro
     for queue, task in steps.items():
         assert re.search(rf"Task {re.escape(task)}\[[^]]+\] received", workers.log(queue)), queue
         for other in set(steps) - {queue}:
-            assert not re.search(rf"Task {re.escape(task)}\[", workers.log(other)), (task, other)
+            assert not re.search(rf"Task {re.escape(task)}\[", workers.session_log(other)), (task, other)
 
 
 @pytest.mark.saga

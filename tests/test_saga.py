@@ -100,7 +100,7 @@ def test_happy_path_confirms_reserves_and_reports(workers, user, make_product):
     assert re.search(r"reports\.sale_record\[[^]]+\] succeeded", workers.log("reports"))
     assert re.search(r"orders\.order_confirm\[[^]]+\] succeeded", workers.log("orders"))
     for queue, foreign in (("inventory", "reports."), ("reports", "inventory."), ("orders", "inventory.")):
-        assert not re.search(rf"Task {re.escape(foreign)}\w+\[", workers.log(queue)), queue
+        assert not re.search(rf"Task {re.escape(foreign)}\w+\[", workers.session_log(queue)), queue
 
 
 def test_insufficient_stock_deletes_the_order_with_its_reason(workers, user, make_product):
@@ -121,7 +121,7 @@ def test_insufficient_stock_deletes_the_order_with_its_reason(workers, user, mak
     assert report(lamp).units_sold == 0
     # The error callback travelled through the broker to the orders worker.
     assert re.search(r"Task orders\.order_compensate\[", workers.log("orders"))
-    assert "orders.order_compensate[" not in workers.log("inventory")
+    assert "orders.order_compensate[" not in workers.session_log("inventory")
 
 
 def test_report_step_failure_releases_the_reserved_stock(workers, user, make_product):
