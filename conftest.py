@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from celery.utils.nodenames import host_format
 from django.conf import settings
 from django.db import connections
 from pytest_django.fixtures import validate_django_db
@@ -162,24 +163,33 @@ def _queued_messages() -> int:
         return sum(channel.queue_declare(queue=q, passive=True).message_count for q in settings.SERVICE_QUEUES)
 
 
-def _busy_workers() -> int:
-    inspect = celery_app.control.inspect(timeout=0.5)
+def _busy_workers(nodes: list[str]) -> int:
+    """Tasks running, prefetched or waiting for their countdown in the named workers.
+
+    Addressed to the workers by name with a reply limit, so each question ends
+    when all have answered instead of always waiting out its timeout (three
+    timeouts twice made every real-worker test's teardown take 3.5 s); the
+    longer timeout is for a busy worker, which answers late rather than never.
+    """
+    if not nodes:
+        return 0
+    inspect = celery_app.control.inspect(destination=nodes, limit=len(nodes), timeout=2.0)
     busy = 0
     for replies in (inspect.active(), inspect.reserved(), inspect.scheduled()):
         busy += sum(len(tasks) for tasks in (replies or {}).values())
     return busy
 
 
-def quiesce(timeout: float = 90) -> None:
-    """Wait until no message is queued, held or running anywhere (seen twice in a row)."""
+def quiesce(nodes: list[str], timeout: float = 90) -> None:
+    """Wait until no message is queued, held or running in these workers (seen twice in a row)."""
     idle = 0
 
     def settled():
         nonlocal idle
-        idle = idle + 1 if _queued_messages() == 0 and _busy_workers() == 0 else 0
+        idle = idle + 1 if _queued_messages() == 0 and _busy_workers(nodes) == 0 else 0
         return idle >= 2
 
-    wait_for(settled, timeout=timeout, interval=0.2, what="the workers to go idle")
+    wait_for(settled, timeout=timeout, interval=0.5, what="the workers to go idle")
 
 
 def terminate(process: subprocess.Popen) -> None:
@@ -271,6 +281,14 @@ class Workers:
 
         wait_for(ready, timeout=timeout, what=f"the {queue} worker to start")
 
+    def node_names(self) -> list[str]:
+        """The node names of the service workers still running (as `-n {queue}-test@%h` expands)."""
+        return [
+            host_format(f"{queue}-test@%h")
+            for queue, process in self.processes.items()
+            if queue in settings.SERVICE_QUEUES and process.poll() is None
+        ]
+
     def stop(self, queue: str) -> None:
         process = self.processes.pop(queue, None)
         if process is not None:
@@ -359,7 +377,7 @@ def workers(celery_workers: Workers, transactional_db) -> Iterator[Workers]:
     celery_workers.stop("beat")
     # Late messages (a redelivery after a kill, a duplicate) must not reach the
     # next test's freshly flushed tables.
-    quiesce()
+    quiesce(celery_workers.node_names())
 
 
 @pytest.fixture
