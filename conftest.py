@@ -348,11 +348,16 @@ class Workers:
             counter.unlink()
 
 
+# The session's Workers once a test has asked for them (`no_workers` stops them).
+_SESSION_WORKERS: list[Workers] = []
+
+
 @pytest.fixture(scope="session")
 def celery_workers(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Workers]:
     """One real worker process per service queue, for the whole session."""
     purge_queues()
     workers = Workers(tmp_path_factory.mktemp("workers"))
+    _SESSION_WORKERS.append(workers)
     try:
         for queue in settings.SERVICE_QUEUES:
             workers.start(queue)
@@ -362,6 +367,19 @@ def celery_workers(django_db_setup, django_db_blocker, tmp_path_factory) -> Iter
     finally:
         for queue in list(workers.processes):
             workers.stop(queue)
+
+
+@pytest.fixture
+def no_workers() -> None:
+    """No service worker consumes during the test: what it publishes stays queued.
+
+    Stops the session's workers if an earlier test started them (a warm
+    shutdown: unacknowledged messages go back to their queues); the next test
+    that asks for `workers` starts them again.
+    """
+    for session_workers in _SESSION_WORKERS:
+        for queue in settings.SERVICE_QUEUES:
+            session_workers.stop(queue)
 
 
 @pytest.fixture

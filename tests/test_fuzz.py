@@ -10,8 +10,9 @@ requests each run, in under a minute.
 Generated ids are mostly unknown (404s, 400s); hooks swap some of them for
 ids that exist, so placing, reading and cancelling real orders and changing
 real products are fuzzed and checked too. Their on-commit publishes go to the
-configured broker with no worker listening: the queues are purged before and
-after each test.
+configured broker with no worker listening (`no_workers` stops the session's,
+which would otherwise confirm the order the fixture is about to cancel): the
+queues are purged before and after each test.
 """
 
 import pytest
@@ -82,7 +83,7 @@ def token(django_user_model, actor) -> str:
 
 
 @pytest.fixture
-def live_api(live_server, make_product, django_user_model, token):
+def live_api(no_workers, live_server, make_product, django_user_model, token):
     user = Token.objects.get(key=token).user
     other = django_user_model.objects.create_user(username="fuzz-other")
     products = [make_product(stock=1_000_000) for _ in range(4)] + [make_product(active=False)]
