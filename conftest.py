@@ -370,16 +370,19 @@ def celery_workers(django_db_setup, django_db_blocker, tmp_path_factory) -> Iter
 
 
 @pytest.fixture
-def no_workers() -> None:
-    """No service worker consumes during the test: what it publishes stays queued.
+def no_workers() -> Iterator[None]:
+    """No service worker consumes during the test: what it publishes stays queued, and is purged after.
 
     Stops the session's workers if an earlier test started them (a warm
     shutdown: unacknowledged messages go back to their queues); the next test
-    that asks for `workers` starts them again.
+    that asks for `workers` starts them again, and must not be handed this
+    test's messages for orders its flushed tables no longer hold.
     """
     for session_workers in _SESSION_WORKERS:
         for queue in settings.SERVICE_QUEUES:
             session_workers.stop(queue)
+    yield
+    purge_queues()
 
 
 @pytest.fixture

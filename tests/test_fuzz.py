@@ -11,8 +11,8 @@ Generated ids are mostly unknown (404s, 400s); hooks swap some of them for
 ids that exist, so placing, reading and cancelling real orders and changing
 real products are fuzzed and checked too. Their on-commit publishes go to the
 configured broker with no worker listening (`no_workers` stops the session's,
-which would otherwise confirm the order the fixture is about to cancel): the
-queues are purged before and after each test.
+which would otherwise confirm the order the fixture is about to cancel); the
+queues are purged before each test and, by `no_workers`, after it.
 """
 
 import pytest
@@ -100,7 +100,6 @@ def live_api(no_workers, live_server, make_product, django_user_model, token):
     # Fuzzing places hundreds of orders: the rate limit would answer most of them 429.
     with override_settings(ORDER_CREATE_THROTTLE=None):
         yield live_server.url
-    purge_queues()
     EXISTING.clear()
 
 

@@ -138,8 +138,13 @@ def test_command_prints_each_violation_and_exits_1(user, make_product, capsys):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_sale_committed_while_the_audit_reads_is_seen_whole_or_not_at_all(user, make_product, monkeypatch):
-    """The audit under live traffic: a step that commits between two of its reads is no violation."""
+def test_a_sale_committed_while_the_audit_reads_is_seen_whole_or_not_at_all(
+    no_workers, user, make_product, monkeypatch
+):
+    """The audit under live traffic: a step that commits between two of its reads is no violation.
+
+    The steps run here, in process: a worker must not run the order's saga meanwhile.
+    """
     if connections["default"].vendor != "postgresql":
         pytest.skip("SQLite reads without a snapshot (project.db.read_snapshot)")
     product = make_product(stock=10)
