@@ -20,7 +20,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from project.celery import app
-from project.db import after_commit, claim_row, service_db
+from project.db import Statement, after_commit, claim_row, insert_rows, service_db
 from project.errors import Conflict
 from project.saga import InvalidMessage, SagaAborted
 
@@ -142,17 +142,23 @@ def _shortfalls(wanted: dict[int, int]) -> list[str]:
     return problems
 
 
+# The conditional take of every reservation, as the ORM would write it without
+# compiling it anew for each line (project.db.Statement).
+_TAKE_STOCK = Statement(
+    Product,
+    "UPDATE {table} SET {stock} = {stock} - %s WHERE {id} = %s AND {active} = %s AND {stock} >= %s",
+    params=["stock", "id", "active", "stock"],
+)
+
+
 def _take(order_id: int, wanted: dict[int, int]) -> None:
     for product_id, quantity in wanted.items():
-        taken = (
-            Product.objects.using(_db())
-            .filter(pk=product_id, active=True, stock__gte=quantity)
-            .update(stock=F("stock") - quantity)
-        )
-        if not taken:
+        if not _TAKE_STOCK.execute(quantity, product_id, True, quantity, using=_db()):
             raise _Shortfall(f"insufficient stock for product {product_id}: wanted {quantity}")
-    StockReservation.objects.using(_db()).bulk_create(
-        [StockReservation(order_id=order_id, product_id=p, quantity=q) for p, q in wanted.items()]
+    insert_rows(
+        StockReservation,
+        [StockReservation(order_id=order_id, product_id=p, quantity=q) for p, q in wanted.items()],
+        using=_db(),
     )
 
 

@@ -22,7 +22,7 @@ from django.utils import timezone
 
 from inventory import public as inventory
 from project import faults
-from project.db import after_commit, service_db
+from project.db import Statement, after_commit, insert_rows, service_db
 from project.errors import Conflict, InvalidInput
 from project.saga import SagaAborted
 from reports import public as reports
@@ -149,14 +149,22 @@ def order_create(*, user: AbstractBaseUser, lines: Any, idempotency_key: str | N
 
     try:
         with transaction.atomic(using=_db()):
-            order = Order.objects.using(_db()).create(
-                user=user,
-                idempotency_key=idempotency_key,
-                request_fingerprint=fingerprint,
-                dispatch_attempts=1,
-                last_dispatched_at=timezone.now(),
+            # Two INSERTs without the ORM's query building (project.db.insert_rows).
+            (order,) = insert_rows(
+                Order,
+                [
+                    Order(
+                        user=user,
+                        idempotency_key=idempotency_key,
+                        request_fingerprint=fingerprint,
+                        dispatch_attempts=1,
+                        last_dispatched_at=timezone.now(),
+                    )
+                ],
+                using=_db(),
             )
-            created_lines = OrderLine.objects.using(_db()).bulk_create(
+            created_lines = insert_rows(
+                OrderLine,
                 [
                     OrderLine(
                         order=order,
@@ -166,7 +174,8 @@ def order_create(*, user: AbstractBaseUser, lines: Any, idempotency_key: str | N
                         quantity=quantity,
                     )
                     for product_id, quantity in wanted.items()
-                ]
+                ],
+                using=_db(),
             )
             _dispatch(order, created_lines)
     except IntegrityError:
@@ -188,6 +197,15 @@ def order_create(*, user: AbstractBaseUser, lines: Any, idempotency_key: str | N
     return PlacedOrder(order=order, cancelled=None, created=True)
 
 
+# pending → confirmed, as the ORM's filter().update() would write it without
+# compiling it anew for every order (project.db.Statement).
+_CONFIRM = Statement(
+    Order,
+    "UPDATE {table} SET {status} = %s, {confirmed_at} = %s, {updated_at} = %s WHERE {id} = %s AND {status} = %s",
+    params=["status", "confirmed_at", "updated_at", "id", "status"],
+)
+
+
 def order_confirm(*, order_id: int) -> str:
     """The saga's last step: pending → confirmed. A no-op when already confirmed.
 
@@ -195,10 +213,9 @@ def order_confirm(*, order_id: int) -> str:
     changed nothing is the order read to tell a duplicate from an abort.
     """
     now = timezone.now()
-    orders = Order.objects.using(_db()).filter(pk=order_id)
-    if orders.filter(status=PENDING).update(status=CONFIRMED, confirmed_at=now, updated_at=now):
+    if _CONFIRM.execute(CONFIRMED, now, now, order_id, PENDING, using=_db()):
         return CONFIRMED
-    if orders.filter(status=CONFIRMED).exists():
+    if Order.objects.using(_db()).filter(pk=order_id, status=CONFIRMED).exists():
         return CONFIRMED
     raise SagaAborted(f"order {order_id} is being cancelled or gone")
 

@@ -196,6 +196,37 @@ def test_order_create_commits_a_pending_order_with_snapshots_and_dispatches_once
     assert all(step.kwargs["order_id"] == order.pk for step in saga.tasks)
 
 
+def test_order_create_hands_back_the_rows_as_stored(user, make_product):
+    """Its two INSERTs read the database's keys back into the rows it returns (project.db.insert_rows)."""
+    products = [make_product(stock=5, price=f"{n}.25", name=f"P{n}") for n in range(1, 5)]
+
+    placed = services.order_create(
+        user=user, lines=[{"product": p.pk, "quantity": n} for n, p in enumerate(reversed(products), start=1)]
+    )
+
+    order = placed.order
+    assert not order._state.adding
+    row = Order.objects.get(pk=order.pk)
+    assert (row.user, row.status, row.created_at, row.request_fingerprint) == (
+        user,
+        PENDING,
+        order.created_at,
+        order.request_fingerprint,
+    )
+    returned = list(order.lines.all())  # the rows order_create wrote, not read again
+    stored = {line.pk: line for line in OrderLine.objects.filter(order=order)}
+    assert len(stored) == 4
+    for line in returned:
+        row = stored[line.pk]
+        assert (row.order_id, row.product_id, row.product_name, row.unit_price, row.quantity) == (
+            order.pk,
+            line.product_id,
+            line.product_name,
+            line.unit_price,
+            line.quantity,
+        )
+
+
 def test_order_create_in_a_rolled_back_transaction_dispatches_nothing(
     user, make_product, django_capture_on_commit_callbacks
 ):

@@ -61,6 +61,19 @@ def test_a_first_sale_is_one_transaction_of_four_statements(products, django_ass
     assert ReportedOrder.objects.get(order_id=1).lines == [{"product": 101, "quantity": 2, "amount": "5.00"}]
 
 
+def test_revenue_stays_exact_to_the_cent_through_many_sales_and_reverts(products):
+    """The totals' UPDATE adds decimals on the database (SQLite keeps them as REAL): no cent drifts."""
+    before = report(101).updated_at
+    for order_id in range(1, 31):
+        services.sale_record(order_id=order_id, lines=[sale(101, 1, "0.10"), sale(102, 3, "0.20")])
+    for order_id in range(1, 31, 3):
+        services.sale_revert(order_id=order_id)
+
+    assert totals(101) == (20, 20, Decimal("2.00"))
+    assert totals(102) == (60, 20, Decimal("12.00"))
+    assert report(101).updated_at > before
+
+
 def test_sale_record_delivered_twice_has_one_effect(products):
     lines = [sale(101, 2, "2.50")]
 
