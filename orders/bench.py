@@ -3,8 +3,9 @@
 Orders go through the real thing: `orders.services.order_create` (``--via
 service``) or ``POST /api/orders/`` on a real web server (``--via api``), the
 configured broker, real `celery worker` processes and the configured
-database. The bench creates its own products, with stock sized so that about
-``--fail-ratio`` of the orders are refused and compensated, places the orders
+database. The bench creates its own products, with stock sized so that
+``--fail-ratio`` of the orders are refused and compensated (evenly through
+the run, or with ``--refusals last`` all at its end), places the orders
 from ``--concurrency`` client threads (optionally paced at ``--rate`` orders
 per second), waits until every order is terminal (confirmed, or deleted with a
 CancelledOrder) and reports throughput, latency percentiles and the
@@ -75,6 +76,7 @@ class BenchOptions:
     rate: float | None = None
     via: str = "service"
     fail_ratio: float = 0.1
+    refusals: str = "spread"
     baseline: bool = False
     products: int = 20
     warmup: int | None = None
@@ -462,25 +464,63 @@ def run_floor(options: BenchOptions, n: int, timeout: float) -> dict:
     }
 
 
-def _products(options: BenchOptions, run_id: str, n: int) -> tuple[list[int], int]:
-    """Products for `n` orders of one unit each, round robin; stock for all but ~fail_ratio of them."""
-    count = max(1, min(options.products, n))
-    demand = [n // count + (1 if k < n % count else 0) for k in range(count)]
-    allowed = round(n * (1 - options.fail_ratio))
-    stocks = [wanted * allowed // n for wanted in demand]
-    for k in range(count):  # what the rounding down left, one unit each
-        if sum(stocks) < allowed and stocks[k] < demand[k]:
-            stocks[k] += 1
-    ids = []
-    for k, stock in enumerate(stocks):
-        product = inventory_services.product_create(
+def refused_orders(n: int, fail_ratio: float, refusals: str) -> set[int]:
+    """Which of orders 0..n-1 the stock refuses: round(n × fail_ratio) of them.
+
+    ``spread``: evenly through the run (order i of n at i ≈ (j + ½)·n/k for
+    the k refusals), as a steady mix of orders for sold-out products.
+    ``last``: the last of each product's orders, once its stock is gone, so
+    every refusal and its compensation comes in the last tenth of the run
+    (the workload of the first three sessions' figures).
+    """
+    k = n - round(n * (1 - fail_ratio))
+    if refusals == "spread":
+        return {int((j + 0.5) * n / k) for j in range(k)}
+    return set()  # "last": decided by the stock, see _workload
+
+
+def _workload(options: BenchOptions, run_id: str, n: int) -> tuple[Callable[[int], list[dict]], int]:
+    """Products for `n` orders of one unit each, and order i's lines; returns those and the stock made.
+
+    Stock is sized so that round(n × fail_ratio) orders are refused: with
+    ``--refusals spread`` the refused ones order a product made with no stock
+    (a sold-out item) and every other order's product has stock for exactly
+    its orders; with ``last`` all orders go round robin and each product has
+    stock for all but about fail_ratio of its orders.
+    """
+    refused = refused_orders(n, options.fail_ratio, options.refusals)
+    served = [i for i in range(n) if i not in refused]
+    count = max(1, min(options.products, len(served) or 1))
+    demand = [0] * count
+    for position in range(len(served)):
+        demand[position % count] += 1
+    if options.refusals == "spread":
+        stocks = demand
+    else:
+        allowed = round(n * (1 - options.fail_ratio))
+        stocks = [wanted * allowed // n for wanted in demand]
+        for k in range(count):  # what the rounding down left, one unit each
+            if sum(stocks) < allowed and stocks[k] < demand[k]:
+                stocks[k] += 1
+
+    def create(k: int | str, stock: int) -> int:
+        return inventory_services.product_create(
             sku=f"BENCH-{run_id}-{k}", name=f"Bench product {k} ({run_id})", price=Decimal("9.99"), stock=stock
-        )
-        ids.append(product.pk)
-    return ids, sum(stocks)
+        ).pk
+
+    ids = [create(k, stock) for k, stock in enumerate(stocks)]
+    product_of = {i: ids[position % count] for position, i in enumerate(served)}
+    if refused:
+        sold_out = create("sold-out", 0)
+        product_of.update(dict.fromkeys(refused, sold_out))
+
+    def lines_for(i: int) -> list[dict]:
+        return [{"product": product_of[i], "quantity": 1}]
+
+    return lines_for, sum(stocks)
 
 
-def run_saga(options: BenchOptions, *, user, make_client, product_ids: list[int], n: int, timeout: float) -> dict:
+def run_saga(options: BenchOptions, *, make_client, n: int, timeout: float) -> dict:
     sent = drive(n, options.concurrency, options.rate, make_client)
     figures = _client_figures(sent)
     ids = sorted(s.ident for s in sent)
@@ -567,11 +607,8 @@ def run(options: BenchOptions) -> dict:
             log(f"starting workers{' and web server' if options.via == 'api' else ''} (logs in {spawned.directory})")
             spawned.start()
         user = _bench_user()
-        product_ids, stock = _products(options, run_id, n)
+        lines_for, stock = _workload(options, run_id, n)
         report["expected"] = {"confirmed": min(stock, n), "cancelled": n - min(stock, n)}
-
-        def lines_for(i: int) -> list[dict]:
-            return [{"product": product_ids[i % len(product_ids)], "quantity": 1}]
 
         if options.via == "api":
             from rest_framework.authtoken.models import Token
@@ -625,9 +662,7 @@ def run(options: BenchOptions) -> dict:
             log(f"floor: {n} chains of three trivial tasks")
             report["floor"] = measured(lambda: run_floor(options, n, timeout))
         log(f"saga: {n} orders via {options.via}")
-        report["saga"] = measured(
-            lambda: run_saga(options, user=user, make_client=make_client, product_ids=product_ids, n=n, timeout=timeout)
-        )
+        report["saga"] = measured(lambda: run_saga(options, make_client=make_client, n=n, timeout=timeout))
         if options.baseline and report["floor"]["done_per_s"]:
             report["ratio"] = round(report["saga"]["terminal_per_s"] / report["floor"]["done_per_s"], 3)
         violations = audit()

@@ -17,11 +17,12 @@ from orders.models import CancelledOrder, Order
 pytestmark = [pytest.mark.saga, pytest.mark.timeout(180)]
 
 
-def test_bench_orders_runs_the_saga_and_the_floor_and_stays_consistent(workers):
+@pytest.mark.parametrize("refusals", ["spread", "last"])
+def test_bench_orders_runs_the_saga_and_the_floor_and_stays_consistent(workers, refusals):
     out = io.StringIO()
     call_command(
         "bench_orders", "--orders", "20", "--concurrency", "4", "--via", "service", "--baseline", "--json",
-        stdout=out, stderr=io.StringIO(),
+        "--refusals", refusals, stdout=out, stderr=io.StringIO(),
     )  # fmt: skip
     report = json.loads(out.getvalue())
 
@@ -30,7 +31,8 @@ def test_bench_orders_runs_the_saga_and_the_floor_and_stays_consistent(workers):
     saga = report["saga"]
     assert saga["orders"] == 20
     assert saga["confirmed"] + saga["cancelled"] == 20
-    # Stock refuses about a tenth of the orders (fail ratio 0.1 by default).
+    # Stock refuses a tenth of the orders (fail ratio 0.1 by default).
+    assert (saga["confirmed"], saga["cancelled"]) == (report["expected"]["confirmed"], 2)
     assert saga["confirmed"] == report["expected"]["confirmed"]
     assert saga["latency_ms"]["commit_to_confirmed"]["count"] == saga["confirmed"]
     assert report["floor"]["chains"] == 20

@@ -35,6 +35,13 @@ class Command(BaseCommand):
         parser.add_argument(
             "--fail-ratio", type=float, default=0.1, help="share of orders the stock refuses (default 0.1)"
         )
+        parser.add_argument(
+            "--refusals",
+            choices=["spread", "last"],
+            default="spread",
+            help="refused orders evenly through the run (orders for a sold-out product; default), or the last "
+            "of each product's orders once its stock is gone",
+        )
         parser.add_argument("--baseline", action="store_true", help="also run the floor and print saga/floor")
         parser.add_argument("--json", action="store_true", help="print one JSON document (progress goes to stderr)")
         parser.add_argument("--products", type=_positive_int, default=20, help="products to spread orders over")
@@ -69,6 +76,7 @@ class Command(BaseCommand):
             rate=o["rate"],
             via=o["via"],
             fail_ratio=o["fail_ratio"],
+            refusals=o["refusals"],
             baseline=o["baseline"],
             products=o["products"],
             warmup=o["warmup"],
@@ -117,8 +125,8 @@ def render(report: dict) -> str:
     pace = f"{o['rate']:g}/s" if o["rate"] else "burst"
     lines = [
         f"bench_orders {report['run_id']}: {o['orders']} orders, {o['concurrency']} clients, {pace}, "
-        f"via {o['via']}, fail ratio {o['fail_ratio']:g}; {env['database']} + {env['broker']}, "
-        f"{env['cpus']} cpus, load {env['load_average_before']}",
+        f"via {o['via']}, fail ratio {o['fail_ratio']:g} ({o['refusals']}); "
+        f"{env['database']} + {env['broker']}, {env['cpus']} cpus, load {env['load_average_before']}",
     ]
     if o["spawn"]:
         lines.append(
