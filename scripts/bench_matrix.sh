@@ -31,6 +31,10 @@ if [ "$SHAPE" = postgres ]; then
     config service-rate25 --via service --orders 250 --concurrency 16 --rate 25
     config service-rate100 --via service --orders 800 --concurrency 16 --rate 100
     config service-burst-threads --via service --orders 1000 --concurrency 16 --worker-pool threads --worker-concurrency 4
+    # The workload of the first three sessions: every refusal at the end of the run.
+    config service-burst-last --via service --orders 1000 --concurrency 16 --refusals last
+    config service-rate50-last --via service --orders 500 --concurrency 16 --rate 50 --refusals last
+    config api-rate50-last --via api --orders 500 --concurrency 16 --rate 50 --refusals last
 else
     config service-burst --via service --orders 500 --concurrency 16
     config api-burst --via api --orders 500 --concurrency 16

@@ -33,6 +33,9 @@ def load(paths: list[Path]) -> dict[tuple[str, float | None], list[dict]]:
             print(f"skipping {path}: a failed run", file=sys.stderr)
             continue
         options = report["options"]
+        if options.get("refusals") == "last":  # documents from before --refusals were all this workload
+            print(f"skipping {path}: --refusals last (the plot shows the default workload)", file=sys.stderr)
+            continue
         label = (
             options["via"] if options["worker_pool"] == "prefork" else f"{options['via']}, -P {options['worker_pool']}"
         )
