@@ -465,18 +465,18 @@ def run_floor(options: BenchOptions, n: int, timeout: float) -> dict:
 
 
 def refused_orders(n: int, fail_ratio: float, refusals: str) -> set[int]:
-    """Which of orders 0..n-1 the stock refuses: round(n × fail_ratio) of them.
+    """The orders, of 0..n-1, placed for a sold-out product.
 
-    ``spread``: evenly through the run (order i of n at i ≈ (j + ½)·n/k for
-    the k refusals), as a steady mix of orders for sold-out products.
-    ``last``: the last of each product's orders, once its stock is gone, so
-    every refusal and its compensation comes in the last tenth of the run
-    (the workload of the first three sessions' figures).
+    ``spread``: round(n × fail_ratio) of them, evenly through the run (order
+    ⌊(j + ½)·n/k⌋ for each j of the k), a steady mix of refused orders.
+    ``last``: none; each product's stock runs out instead, so the last of its
+    orders are refused and every refusal and its compensation comes in the
+    last tenth of the run (the first three sessions' workload; see _workload).
     """
     k = n - round(n * (1 - fail_ratio))
     if refusals == "spread":
         return {int((j + 0.5) * n / k) for j in range(k)}
-    return set()  # "last": decided by the stock, see _workload
+    return set()
 
 
 def _workload(options: BenchOptions, run_id: str, n: int) -> tuple[Callable[[int], list[dict]], int]:
