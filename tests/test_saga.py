@@ -7,6 +7,7 @@ After every test the consistency audit must find nothing.
 """
 
 import re
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -324,6 +325,55 @@ def test_nothing_is_dispatched_when_the_order_transaction_rolls_back(workers, us
     assert wait_terminal(committed) == {committed: "confirmed"}
     assert time.monotonic() - started < 2
     assert stock(product) == 4
+
+
+def test_two_requests_racing_with_one_idempotency_key_make_one_order_and_one_saga(
+    workers, user, make_product, monkeypatch
+):
+    """The second INSERT waits on the first's uncommitted key, fails, and replays the committed order.
+
+    The first request is held between its INSERTs and its commit, so the
+    second finds no earlier order, inserts, and meets the unique key.
+    """
+    if connections["default"].vendor != "postgresql":
+        pytest.skip("SQLite serializes writers: the second request cannot insert beside the first")
+    product = make_product(stock=5)
+    dispatch = order_services._dispatch
+    inserted, release = threading.Event(), threading.Event()
+
+    def held_dispatch(order, lines=None):
+        if not inserted.is_set():
+            inserted.set()
+            release.wait(10)
+        dispatch(order, lines)
+
+    monkeypatch.setattr(order_services, "_dispatch", held_dispatch)
+
+    def request(_):
+        try:
+            return order_services.order_create(
+                user=user, lines=[{"product": product.pk, "quantity": 2}], idempotency_key="race-1"
+            )
+        finally:
+            connections.close_all()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        first = pool.submit(request, 0)
+        assert inserted.wait(10)
+        second = pool.submit(request, 1)
+        time.sleep(0.5)  # the second request is now waiting on the first's key
+        release.set()
+        placed = [first.result(timeout=30), second.result(timeout=30)]
+
+    assert sorted(p.created for p in placed) == [False, True]
+    assert placed[0].order.pk == placed[1].order.pk
+    order_id = placed[0].order.pk
+    assert wait_terminal(order_id) == {order_id: "confirmed"}
+    assert Order.objects.filter(user=user, idempotency_key="race-1").count() == 1
+    # one saga: the stock was taken once
+    assert stock(product) == 3
+    assert list(StockReservation.objects.filter(order_id=order_id).values_list("quantity", flat=True)) == [2]
+    assert report(product).units_sold == 2
 
 
 @pytest.mark.parametrize(
