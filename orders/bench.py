@@ -464,19 +464,14 @@ def run_floor(options: BenchOptions, n: int, timeout: float) -> dict:
     }
 
 
-def refused_orders(n: int, fail_ratio: float, refusals: str) -> set[int]:
-    """The orders, of 0..n-1, placed for a sold-out product.
+def refused_orders(n: int, fail_ratio: float) -> set[int]:
+    """The orders, of 0..n-1, that ``--refusals spread`` places for a sold-out product.
 
-    ``spread``: round(n × fail_ratio) of them, evenly through the run (order
-    ⌊(j + ½)·n/k⌋ for each j of the k), a steady mix of refused orders.
-    ``last``: none; each product's stock runs out instead, so the last of its
-    orders are refused and every refusal and its compensation comes in the
-    last tenth of the run (the first three sessions' workload; see _workload).
+    round(n × fail_ratio) of them, evenly through the run: order ⌊(j + ½)·n/k⌋
+    for each j of the k.
     """
     k = n - round(n * (1 - fail_ratio))
-    if refusals == "spread":
-        return {int((j + 0.5) * n / k) for j in range(k)}
-    return set()
+    return {int((j + 0.5) * n / k) for j in range(k)}
 
 
 def _workload(options: BenchOptions, run_id: str, n: int) -> tuple[Callable[[int], list[dict]], int]:
@@ -486,11 +481,13 @@ def _workload(options: BenchOptions, run_id: str, n: int) -> tuple[Callable[[int
     ``--refusals spread`` the refused ones order a product made with no stock
     (a sold-out item) and every other order's product has stock for exactly
     its orders; with ``last`` all orders go round robin and each product has
-    stock for all but about fail_ratio of its orders.
+    stock for all but about fail_ratio of its orders, so the last of each
+    product's orders are refused and every refusal and its compensation comes
+    in the last tenth of the run (the first three sessions' workload).
     """
-    refused = refused_orders(n, options.fail_ratio, options.refusals)
+    refused = refused_orders(n, options.fail_ratio) if options.refusals == "spread" else set()
     served = [i for i in range(n) if i not in refused]
-    count = max(1, min(options.products, len(served) or 1))
+    count = max(1, min(options.products, len(served)))
     demand = [0] * count
     for position in range(len(served)):
         demand[position % count] += 1

@@ -13,7 +13,7 @@ from orders.bench import BenchOptions, _workload, refused_orders
 
 
 def test_spread_refusals_come_evenly_through_the_run():
-    refused = sorted(refused_orders(1000, 0.1, "spread"))
+    refused = sorted(refused_orders(1000, 0.1))
 
     assert len(refused) == 100
     assert refused[0] == 5
@@ -22,7 +22,7 @@ def test_spread_refusals_come_evenly_through_the_run():
 
 @pytest.mark.parametrize(("n", "ratio", "count"), [(20, 0.1, 2), (7, 0.5, 3), (10, 0.0, 0), (3, 0.9, 3), (1, 0.2, 0)])
 def test_as_many_refusals_as_the_stock_allows_for(n, ratio, count):
-    refused = refused_orders(n, ratio, "spread")
+    refused = refused_orders(n, ratio)
 
     assert len(refused) == count == n - round(n * (1 - ratio))
     assert all(0 <= i < n for i in refused)
@@ -33,7 +33,7 @@ def test_spread_workload_refuses_exactly_the_chosen_orders_with_a_sold_out_produ
     n = 50
     lines_for, stock = _workload(BenchOptions(orders=n, products=4, fail_ratio=0.1), "t1", n)
 
-    refused = refused_orders(n, 0.1, "spread")
+    refused = refused_orders(n, 0.1)
     assert stock == n - len(refused) == 45
     ordered = Counter(lines_for(i)[0]["product"] for i in range(n))
     products = {p.pk: p for p in Product.objects.filter(pk__in=ordered)}
