@@ -1,19 +1,21 @@
 """The products REST API: read for any signed-in user, write for staff."""
 
 from django.db import transaction
-from drf_spectacular.utils import extend_schema
+from django_filters.rest_framework import DjangoFilterBackend
+from drf_spectacular.utils import OpenApiExample, extend_schema
 from rest_framework import status
-from rest_framework.pagination import PageNumberPagination
 from rest_framework.permissions import SAFE_METHODS, BasePermission
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from project.db import service_db
 from project.errors import NotFound
+from project.pagination import PageNumberPagination
 from project.schema import WWW_AUTHENTICATE, errors, id_parameter
 from project.serializers import represent, represent_many
 
 from . import selectors, services
+from .filters import ProductFilter
 from .serializers import ProductCreateInputSerializer, ProductOutputSerializer, ProductUpdateInputSerializer
 
 PRODUCT_ID = id_parameter("product_id", "product")
@@ -29,17 +31,35 @@ class ReadOrStaffWrite(BasePermission):
 class ProductListCreateApi(APIView):
     permission_classes = [ReadOrStaffWrite]
     pagination_class = PageNumberPagination
+    filter_backends = [DjangoFilterBackend]
+    filterset_class = ProductFilter
+
+    def get_queryset(self):
+        return selectors.product_list()
 
     @extend_schema(
         operation_id="products_list",
         summary="List products",
-        description="Every product, active or not, by id, 50 per page.",
+        description=(
+            "Every product, active or not, by id, 50 per page; `search`, the filters and `ordering` narrow "
+            "and sort it (e.g. `?search=usb&active=true&stock_min=1&ordering=-price`)."
+        ),
         parameters=[WWW_AUTHENTICATE],
-        responses={200: ProductOutputSerializer(many=True), **errors(401, 404, _404="No such page (`page`).")},
+        responses={
+            200: ProductOutputSerializer(many=True),
+            **errors(
+                400,
+                401,
+                404,
+                _400="A bad filter or `ordering` value (`invalid`, with `fields`).",
+                _404="No such page (`page`).",
+            ),
+        },
     )
     def get(self, request):
+        products = DjangoFilterBackend().filter_queryset(request, self.get_queryset(), self)
         paginator = self.pagination_class()
-        page = paginator.paginate_queryset(selectors.product_list(), request, self)
+        page = paginator.paginate_queryset(products, request, self)
         return paginator.get_paginated_response(represent_many(ProductOutputSerializer, page))
 
     @extend_schema(
@@ -47,6 +67,13 @@ class ProductListCreateApi(APIView):
         summary="Create a product (staff)",
         description="Reports hears about it once it is committed.",
         request=ProductCreateInputSerializer,
+        examples=[
+            OpenApiExample(
+                "a new product",
+                value={"sku": "DESK-01", "name": "Standing desk", "price": "349.00", "stock": 3, "active": True},
+                request_only=True,
+            )
+        ],
         parameters=[WWW_AUTHENTICATE],
         responses={
             201: ProductOutputSerializer,
@@ -90,9 +117,15 @@ class ProductDetailApi(APIView):
         summary="Change a product (staff)",
         description=(
             "Any of the fields; stock only through `stock_delta`, added to (or, negative, taken from) the "
-            "current stock. All or nothing: a refused `stock_delta` leaves the other fields alone too."
+            "current stock (`stock` itself is a 400 that says so). All or nothing: a refused `stock_delta` "
+            "leaves the other fields alone too."
         ),
         request=ProductUpdateInputSerializer,
+        examples=[
+            OpenApiExample("add stock", value={"stock_delta": 5}, request_only=True),
+            OpenApiExample("new price", value={"price": "79.00"}, request_only=True),
+            OpenApiExample("withdraw from sale", value={"active": False}, request_only=True),
+        ],
         parameters=[PRODUCT_ID, WWW_AUTHENTICATE],
         responses={
             200: ProductOutputSerializer,
@@ -104,7 +137,8 @@ class ProductDetailApi(APIView):
                 409,
                 413,
                 415,
-                _400="Bad fields, or a taken `sku`. Nothing was written.",
+                _400="Bad fields, a field it does not take (`stock`: use `stock_delta`), or a taken `sku`. "
+                "Nothing was written.",
                 _403=NOT_STAFF,
                 _409="`stock_delta` would take the stock below 0 (`insufficient_stock`). Nothing was written.",
             ),

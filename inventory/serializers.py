@@ -6,8 +6,11 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from project.fields import StrictIntegerField
+from project.serializers import InputSerializer
 
 from .models import Product
+
+READ_ONLY = dict.fromkeys(["id", "created_at", "updated_at"], "Read-only: the server sets it.")
 
 
 @extend_schema_field({"type": "string", "format": "decimal", "pattern": r"^\d{1,10}(\.\d{1,2})?$", "example": "9.99"})
@@ -18,7 +21,12 @@ class PriceField(serializers.DecimalField):
         super().__init__(max_digits=12, decimal_places=2, min_value=Decimal("0"), **kwargs)
 
 
-class ProductCreateInputSerializer(serializers.Serializer):
+class ProductCreateInputSerializer(InputSerializer):
+    refused_fields = {
+        **READ_ONLY,
+        "stock_delta": "Only when changing a product (PATCH); a new product takes its starting `stock`.",
+    }
+
     sku = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)
     name = serializers.CharField(min_length=1, max_length=200)
     price = PriceField()
@@ -26,13 +34,19 @@ class ProductCreateInputSerializer(serializers.Serializer):
     active = serializers.BooleanField(default=True)
 
 
-class ProductUpdateInputSerializer(serializers.Serializer):
+class ProductUpdateInputSerializer(InputSerializer):
+    refused_fields = {
+        **READ_ONLY,
+        # Never a blind set, which would race with the saga's reservations.
+        "stock": "Read-only here: change the stock with `stock_delta`, added to the current stock "
+        "(negative: taken from it).",
+    }
+
     sku = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64, required=False)
     name = serializers.CharField(min_length=1, max_length=200, required=False)
     price = PriceField(required=False)
     active = serializers.BooleanField(required=False)
-    # Added to (or, negative, taken from) the current stock: never a blind set
-    # that would race with reservations.
+    # Added to (or, negative, taken from) the current stock.
     stock_delta = StrictIntegerField(min_value=-1_000_000_000, max_value=1_000_000_000, required=False)
 
 

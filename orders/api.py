@@ -1,12 +1,18 @@
 """The orders REST API: thin views over orders.services and orders.selectors."""
 
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, PolymorphicProxySerializer, extend_schema
+from drf_spectacular.utils import (
+    OpenApiExample,
+    OpenApiParameter,
+    OpenApiResponse,
+    PolymorphicProxySerializer,
+    extend_schema,
+)
 from rest_framework import status
-from rest_framework.pagination import PageNumberPagination
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from project.errors import InvalidInput, NotFound
+from project.pagination import PageNumberPagination
 from project.schema import RETRY_AFTER, WWW_AUTHENTICATE, errors, id_parameter
 from project.serializers import represent, represent_many
 from project.throttles import OrderCreateThrottle
@@ -16,6 +22,8 @@ from .models import CancelledOrder, Order
 from .serializers import CancelledOrderOutputSerializer, OrderCreateInputSerializer, OrderOutputSerializer
 
 STATUSES = sorted(choice.value for choice in Order.Status)
+# Not a status an Order row has: a cancelled order is deleted, and its CancelledOrder record listed.
+CANCELLED = "cancelled"
 
 ORDER_ID = id_parameter("order_id", "order")
 IDEMPOTENCY_KEY = OpenApiParameter(
@@ -36,6 +44,16 @@ IDEMPOTENT_REPLAYED = OpenApiParameter(
 )
 
 
+def _order_or_cancelled(many: bool = False) -> PolymorphicProxySerializer:
+    """An order, or the record a cancelled one left (its `status` is `cancelled`)."""
+    return PolymorphicProxySerializer(
+        component_name="OrderOrCancelledOrder",
+        serializers=[OrderOutputSerializer, CancelledOrderOutputSerializer],
+        resource_type_field_name=None,
+        many=many,
+    )
+
+
 def _gone(cancelled: CancelledOrder) -> Response:
     return Response(represent(CancelledOrderOutputSerializer, cancelled), status=status.HTTP_410_GONE)
 
@@ -50,21 +68,34 @@ class OrderListCreateApi(APIView):
     @extend_schema(
         operation_id="orders_list",
         summary="List orders",
-        description="Your orders (staff: everyone's), newest first, 50 per page.",
+        description=(
+            "Your orders (staff: everyone's), newest first, 50 per page. Without `status`, the orders that "
+            "exist (`pending`, `confirmed`, `cancelling`); `status=cancelled` lists the records of the deleted "
+            "ones instead (as `GET /api/orders/{id}/` answers them with 410: `status` `cancelled`, the `reason`)."
+        ),
         parameters=[
-            OpenApiParameter("status", enum=STATUSES, description="Only orders in this status."),
+            OpenApiParameter(
+                "status",
+                enum=[*STATUSES, CANCELLED],
+                description="Only orders in this status; `cancelled`: the records of cancelled (deleted) orders.",
+            ),
             WWW_AUTHENTICATE,
         ],
         responses={
-            200: OrderOutputSerializer(many=True),
+            # Bare (no OpenApiResponse), or drf-spectacular would not see a paginated list.
+            200: _order_or_cancelled(many=True),
             **errors(400, 401, 404, _400="Unknown `status` filter.", _404="No such page (`page`)."),
         },
     )
     def get(self, request):
         wanted = request.query_params.get("status")
-        if wanted is not None and wanted not in STATUSES:
-            raise InvalidInput("Unknown status filter.", fields={"status": [f"One of: {', '.join(STATUSES)}."]})
         paginator = self.pagination_class()
+        if wanted == CANCELLED:
+            page = paginator.paginate_queryset(selectors.cancelled_order_list(user=request.user), request, self)
+            return paginator.get_paginated_response(represent_many(CancelledOrderOutputSerializer, page))
+        if wanted is not None and wanted not in STATUSES:
+            allowed = ", ".join([*STATUSES, CANCELLED])
+            raise InvalidInput("Unknown status filter.", fields={"status": [f"One of: {allowed}."]})
         page = paginator.paginate_queryset(selectors.order_list(user=request.user, status=wanted), request, self)
         return paginator.get_paginated_response(represent_many(OrderOutputSerializer, page))
 
@@ -76,6 +107,19 @@ class OrderListCreateApi(APIView):
             "`confirmed`, or answered with 410 once compensated. Rate limited per user (`ORDER_CREATE_THROTTLE`)."
         ),
         request=OrderCreateInputSerializer,
+        examples=[
+            OpenApiExample(
+                "one line",
+                description="One of the first demo product (`seed_demo`).",
+                value={"lines": [{"product": 1, "quantity": 1}]},
+                request_only=True,
+            ),
+            OpenApiExample(
+                "two lines",
+                value={"lines": [{"product": 1, "quantity": 1}, {"product": 2, "quantity": 2}]},
+                request_only=True,
+            ),
+        ],
         parameters=[IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, RETRY_AFTER, WWW_AUTHENTICATE],
         responses={
             202: OpenApiResponse(OrderOutputSerializer, description="Accepted: the order, `pending`."),
@@ -147,11 +191,7 @@ class OrderCancelApi(APIView):
         parameters=[ORDER_ID, WWW_AUTHENTICATE],
         responses={
             202: OpenApiResponse(
-                PolymorphicProxySerializer(
-                    component_name="OrderOrCancelledOrder",
-                    serializers=[OrderOutputSerializer, CancelledOrderOutputSerializer],
-                    resource_type_field_name=None,
-                ),
+                _order_or_cancelled(),
                 description="Accepted: the order as it is now, `cancelling` (or its record if already deleted).",
             ),
             200: OpenApiResponse(

@@ -17,6 +17,14 @@ def order_list(*, user: AbstractBaseUser, status: str | None = None) -> QuerySet
     return orders
 
 
+def cancelled_order_list(*, user: AbstractBaseUser) -> QuerySet[CancelledOrder]:
+    """The records of deleted orders `user` placed (staff: everyone's), newest order first."""
+    cancelled = CancelledOrder.objects.using(service_db("orders")).order_by("-order_id")
+    if not user.is_staff:
+        cancelled = cancelled.filter(user=user)
+    return cancelled
+
+
 def order_or_cancelled(*, user: AbstractBaseUser, order_id: int) -> Order | CancelledOrder | None:
     """The live order, or its cancelled record, if `user` may see it (owner or staff)."""
     db = service_db("orders")

@@ -5,16 +5,31 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from project.fields import MAX_ID, StrictIntegerField
+from project.serializers import InputSerializer
 
 from .models import CancelledOrder, Order, OrderLine
 
+READ_ONLY = "Read-only: the server sets it."
 
-class OrderLineInputSerializer(serializers.Serializer):
+
+class OrderLineInputSerializer(InputSerializer):
     product = StrictIntegerField(min_value=1, max_value=MAX_ID)
     quantity = StrictIntegerField(min_value=1, max_value=settings.ORDER_MAX_QUANTITY)
 
+    refused_fields = dict.fromkeys(
+        ["product_name", "unit_price"], "Read-only: a line takes the product's name and price when the order is placed."
+    )
 
-class OrderCreateInputSerializer(serializers.Serializer):
+
+class OrderCreateInputSerializer(InputSerializer):
+    refused_fields = {
+        **dict.fromkeys(
+            ["id", "user", "created_at", "updated_at", "confirmed_at", "dispatch_attempts", "last_dispatched_at"],
+            READ_ONLY,
+        ),
+        "status": "Read-only: an order starts `pending`; cancel one with POST /api/orders/{id}/cancel/.",
+    }
+
     lines = serializers.ListField(
         child=OrderLineInputSerializer(),
         allow_empty=False,

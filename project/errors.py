@@ -40,6 +40,10 @@ class NotFound(ApplicationError):
     http_status = status.HTTP_404_NOT_FOUND
 
 
+class InvalidCredentials(ApplicationError):
+    code = "invalid_credentials"
+
+
 class Conflict(ApplicationError):
     code = "conflict"
     http_status = status.HTTP_409_CONFLICT

@@ -1,10 +1,11 @@
 """What the OpenAPI description (drf-spectacular) shares across the services' APIs.
 
 The error body of project/errors.py as one component, the documented error
-responses built from it, and the parameters more than one view declares.
+responses built from it, the parameters more than one view declares, and the
+hook that names each endpoint once.
 """
 
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse
 from rest_framework import serializers
 
 from project.fields import MAX_ID
@@ -16,7 +17,8 @@ class ErrorSerializer(serializers.Serializer):
     code = serializers.CharField(
         help_text=(
             "What went wrong, for programs: `invalid`, `parse_error`, `not_authenticated`, "
-            "`authentication_failed`, `permission_denied`, `not_found`, `method_not_allowed`, `conflict`, "
+            "`authentication_failed`, `invalid_credentials`, `permission_denied`, `not_found`, `method_not_allowed`, "
+            "`conflict`, "
             "`insufficient_stock`, `request_too_large`, `unsupported_media_type`, `throttled`, ..."
         )
     )
@@ -62,7 +64,14 @@ def id_parameter(name: str, what: str) -> OpenApiParameter:
         type={"type": "integer", "minimum": 1, "maximum": MAX_ID},
         location=OpenApiParameter.PATH,
         description=f"The {what}'s id.",
+        # What Swagger UI fills in: the first demo product (`seed_demo`), the first order placed.
+        examples=[OpenApiExample("first", value=1)],
     )
+
+
+def one_path_per_endpoint(endpoints, **kwargs):
+    """Leave out the slash-less aliases of the API's URLs (project/urls.py): each endpoint once, as `/api/x/`."""
+    return [endpoint for endpoint in endpoints if endpoint[0].endswith("/")]
 
 
 # Response headers.
@@ -78,5 +87,5 @@ RETRY_AFTER = OpenApiParameter(
     type={"type": "integer", "minimum": 1},
     location=OpenApiParameter.HEADER,
     response=[429],
-    description="Seconds to wait before placing another order.",
+    description="Seconds to wait before trying again.",
 )

@@ -48,6 +48,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "rest_framework.authtoken",
+    "django_filters",
     "orders",
     "inventory",
     "reports",
@@ -70,7 +71,8 @@ WSGI_APPLICATION = "project.wsgi.application"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [],
+        # The landing page at / (project/templates/landing.html): project is not an app.
+        "DIRS": [BASE_DIR / "project" / "templates"],
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [
@@ -142,6 +144,14 @@ STORAGES = {
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
 }
 
+# Where the landing page (/) links to Flower: where `make run` starts it (FLOWER_PORT, FLOWER_URL_PREFIX)
+# unless ORDERFLOW_FLOWER_URL says otherwise. Not FLOWER_URL: Flower takes every FLOWER_* variable
+# for one of its own options and will not start on one it does not know.
+_FLOWER_PREFIX = env("FLOWER_URL_PREFIX", default="").strip("/")
+FLOWER_URL = env("ORDERFLOW_FLOWER_URL", default="") or (
+    f"http://127.0.0.1:{env.int('FLOWER_PORT', default=5555)}/" + (f"{_FLOWER_PREFIX}/" if _FLOWER_PREFIX else "")
+)
+
 # Request bodies above this are refused before they are parsed (413).
 DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("DATA_UPLOAD_MAX_MEMORY_SIZE", default=64 * 1024)
 
@@ -154,11 +164,16 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    # `?page=` and a bounded `?page_size=` (at most API_MAX_PAGE_SIZE) on every list.
+    "DEFAULT_PAGINATION_CLASS": "project.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "project.errors.exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+    # Throttles that key on the client's address trust this many proxies' X-Forwarded-For entries;
+    # 0 (the default) uses the connection's own address, so a client cannot pick its own key.
+    "NUM_PROXIES": env.int("NUM_PROXIES", default=0),
 }
+API_MAX_PAGE_SIZE = env.int("API_MAX_PAGE_SIZE", default=200)
 
 # --- API schema, throttling, security (issue 3) -----------------------------
 INSTALLED_APPS += ["drf_spectacular", "drf_spectacular_sidecar"]
@@ -183,6 +198,8 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     "SWAGGER_UI_SETTINGS": {"persistAuthorization": True},
     "ENUM_NAME_OVERRIDES": {"OrderStatusEnum": "orders.models.Order.Status"},
+    # Every API URL also answers without its trailing slash (project/urls.py); the schema names each once.
+    "PREPROCESSING_HOOKS": ["project.schema.one_path_per_endpoint"],
 }
 
 
@@ -203,6 +220,8 @@ def _throttle_rate(name: str, default: str) -> str | None:
 
 # Orders one user may place (POST /api/orders/); over it: 429 with Retry-After.
 ORDER_CREATE_THROTTLE = _throttle_rate("ORDER_CREATE_THROTTLE", "120/min")
+# Password logins one client address may try (POST /api/auth/token/), right or wrong.
+TOKEN_OBTAIN_THROTTLE = _throttle_rate("TOKEN_OBTAIN_THROTTLE", "10/min")
 # The throttle's history must be shared by every web process (gunicorn runs several): a file
 # cache under var/ serves one machine; several web machines need e.g. dbcache://orderflow_cache
 # (after `manage.py createcachetable`). Django's default LocMemCache would be per process.

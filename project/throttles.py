@@ -1,20 +1,21 @@
-"""Rate limits of the API: placing orders, at most ORDER_CREATE_THROTTLE per user."""
+"""Rate limits of the API: placing orders (ORDER_CREATE_THROTTLE per user), and password logins
+for a token (TOKEN_OBTAIN_THROTTLE per client address)."""
 
 import logging
 import math
 
 from django.conf import settings
 from django.core.cache import caches
-from rest_framework.throttling import UserRateThrottle
+from rest_framework.throttling import SimpleRateThrottle
 
 logger = logging.getLogger(__name__)
 
 
-class OrderCreateThrottle(UserRateThrottle):
-    """Every POST /api/orders/ counts, refused ones too; over the rate the API answers 429 with Retry-After.
+class SettingRateThrottle(SimpleRateThrottle):
+    """A scoped throttle whose rate is the Django setting `rate_setting`; over it the API answers 429.
 
     The rate is kept as GCRA (the generic cell rate algorithm: N per period,
-    a burst of up to N, then one every period/N): one number per user, the
+    a burst of up to N, then one every period/N): one number per key, the
     time the next request is due. DRF's own throttles keep every request
     time of the period instead, a list pickled into and out of the cache on
     each request whose size is the limit itself: 0.5 ms a POST at a thousand
@@ -24,28 +25,28 @@ class OrderCreateThrottle(UserRateThrottle):
     share: Django's default LocMemCache is per process, so each gunicorn
     worker would grant its own allowance. settings.CACHES["throttle"] is a
     file cache under var/ unless THROTTLE_CACHE_URL names another. Like DRF's,
-    the read and the write are not one atomic step: requests of one user that
+    the read and the write are not one atomic step: requests with one key that
     arrive together in different processes can pass the limit by a few.
     """
 
     _retry_after: float | None = None
 
-    scope = "order_create"
+    rate_setting: str
 
     @property
     def cache(self):
         return caches["throttle"]
 
     def get_rate(self) -> str | None:
-        # Read per request, not at import: None (ORDER_CREATE_THROTTLE=off) lets everything through.
-        return settings.ORDER_CREATE_THROTTLE
+        # Read per request, not at import: None (e.g. ORDER_CREATE_THROTTLE=off) lets everything through.
+        return getattr(settings, self.rate_setting)
 
     def allow_request(self, request, view) -> bool:
         try:
             return self._allow(request, view)
         except Exception:
-            # A rate limiter that cannot reach its cache must not stop orders: let it through, loudly.
-            logger.exception("order throttle: the throttle cache failed; request allowed")
+            # A rate limiter that cannot reach its cache must not stop the API: let it through, loudly.
+            logger.exception("%s throttle: the throttle cache failed; request allowed", self.scope)
             return True
 
     def _allow(self, request, view) -> bool:
@@ -70,3 +71,30 @@ class OrderCreateThrottle(UserRateThrottle):
     def wait(self) -> float | None:
         # At least a second, so the 429 always carries a usable Retry-After.
         return None if self._retry_after is None else max(1, math.ceil(self._retry_after))
+
+
+class OrderCreateThrottle(SettingRateThrottle):
+    """Every POST /api/orders/ counts, refused ones too, per user."""
+
+    scope = "order_create"
+    rate_setting = "ORDER_CREATE_THROTTLE"
+
+    def get_cache_key(self, request, view) -> str:
+        user = request.user
+        ident = user.pk if user and user.is_authenticated else self.get_ident(request)
+        return self.cache_format % {"scope": self.scope, "ident": ident}
+
+
+class TokenObtainThrottle(SettingRateThrottle):
+    """Every POST /api/auth/token/ counts, right password or wrong, per client address.
+
+    Per address rather than per username, so nobody can lock another user out
+    by failing their logins. The address is the connection's own unless
+    REST_FRAMEWORK["NUM_PROXIES"] says how many proxies' X-Forwarded-For to trust.
+    """
+
+    scope = "token_obtain"
+    rate_setting = "TOKEN_OBTAIN_THROTTLE"
+
+    def get_cache_key(self, request, view) -> str:
+        return self.cache_format % {"scope": self.scope, "ident": self.get_ident(request)}

@@ -1,16 +1,44 @@
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import URLResolver, include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from project.api import ApiRootApi, TokenObtainApi
 from project.health import healthz, readyz
+from project.views import landing
+
+
+def without_trailing_slash(patterns: list, prefix: str = "") -> list:
+    """Each URL of `patterns` (and of what they include) again without its trailing slash, same view.
+
+    Else Django's APPEND_SLASH answers `POST /api/orders` with an empty 301 to
+    `/api/orders/`, and clients follow it with a GET and no body. The schema
+    names each endpoint once, with its slash (project.schema.one_path_per_endpoint).
+    """
+    aliases = []
+    for pattern in patterns:
+        route = prefix + str(pattern.pattern)
+        if isinstance(pattern, URLResolver):
+            aliases += without_trailing_slash(pattern.url_patterns, route)
+        elif route.endswith("/"):
+            aliases.append(path(route.removesuffix("/"), pattern.callback, pattern.default_args))
+    return aliases
+
+
+api = [
+    path("", ApiRootApi.as_view(), name="api-root"),
+    path("auth/token/", TokenObtainApi.as_view(), name="token-obtain"),
+    path("", include("orders.urls")),
+    path("", include("inventory.urls")),
+    path("", include("reports.urls")),
+    path("schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+]
 
 urlpatterns = [
+    path("", landing, name="landing"),
     path("admin/", admin.site.urls),
-    path("api/", include("orders.urls")),
-    path("api/", include("inventory.urls")),
-    path("api/", include("reports.urls")),
-    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
-    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+    path("api/", include(api)),
+    *without_trailing_slash([path("api/", include(api))]),
     path("healthz", healthz, name="healthz"),
     path("readyz", readyz, name="readyz"),
 ]

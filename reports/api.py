@@ -1,9 +1,9 @@
 """The sales read model, read-only."""
 
 from drf_spectacular.utils import extend_schema
-from rest_framework.pagination import PageNumberPagination
 from rest_framework.views import APIView
 
+from project.pagination import PageNumberPagination
 from project.schema import WWW_AUTHENTICATE, errors
 from project.serializers import represent_many
 

@@ -23,11 +23,12 @@ OPERATIONS = {
     ("post", "/api/orders/"): {"202", "400", "401", "403", "409", "410", "413", "415", "429"},
     ("get", "/api/orders/{order_id}/"): {"200", "401", "404", "410"},
     ("post", "/api/orders/{order_id}/cancel/"): {"200", "202", "401", "403", "404"},
-    ("get", "/api/products/"): {"200", "401", "404"},
+    ("get", "/api/products/"): {"200", "400", "401", "404"},
     ("post", "/api/products/"): {"201", "400", "401", "403", "409", "413", "415"},
     ("get", "/api/products/{product_id}/"): {"200", "401", "404"},
     ("patch", "/api/products/{product_id}/"): {"200", "400", "401", "403", "404", "409", "413", "415"},
     ("get", "/api/reports/products/"): {"200", "401", "404"},
+    ("post", "/api/auth/token/"): {"200", "400", "413", "415", "429"},
 }
 ERROR = {"$ref": "#/components/schemas/Error"}
 
@@ -116,7 +117,8 @@ def test_headers_parameters_and_enums_are_described(document):
     assert "Idempotent-Replayed" in create["responses"]["202"]["headers"]
     assert "WWW-Authenticate" in create["responses"]["401"]["headers"]
     filters = {p["name"]: p for p in listing["parameters"]}
-    assert set(filters["status"]["schema"]["enum"]) == {"pending", "confirmed", "cancelling"}
+    # `cancelled` lists the records of deleted orders (issue 13)
+    assert set(filters["status"]["schema"]["enum"]) == {"pending", "confirmed", "cancelling", "cancelled"}
     assert filters["page"]["schema"]["type"] == "integer"
     page = listing["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
     assert set(document["components"]["schemas"][page]["properties"]) == {"count", "next", "previous", "results"}

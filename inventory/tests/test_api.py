@@ -193,9 +193,10 @@ def test_stock_cannot_be_set_blindly(staff_api, make_product):
 
     response = staff_api.patch(detail(product.pk), {"stock": 500}, format="json")
 
-    # not a writable field: only stock_delta changes stock, so it cannot race reservations
-    assert response.status_code == 200
-    assert response.json()["stock"] == 3
+    # not a writable field: only stock_delta changes stock, so it cannot race reservations;
+    # said as a 400 (issue 13), no longer a silent 200 that changed nothing
+    body = assert_error(response, 400, code="invalid")
+    assert "stock_delta" in body["fields"]["stock"][0]
     assert snapshot(product) == before
 
 
