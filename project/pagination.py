@@ -18,13 +18,17 @@ class PageNumberPagination(pagination.PageNumberPagination):
         # Read per request, not at import, like the throttle rates.
         return settings.API_MAX_PAGE_SIZE
 
+    def get_page_size(self, request) -> int:
+        # DRF cuts only an asked-for size; a maximum below PAGE_SIZE bounds the default too.
+        return min(super().get_page_size(request), self.max_page_size)
+
     def get_schema_operation_parameters(self, view):
         parameters = super().get_schema_operation_parameters(view)
         for parameter in parameters:
             if parameter["name"] == self.page_size_query_param:
                 parameter["description"] = (
-                    f"Results per page: {settings.REST_FRAMEWORK['PAGE_SIZE']} unless given, "
-                    f"at most {settings.API_MAX_PAGE_SIZE} (a larger number is cut to it)."
+                    f"Results per page: {min(settings.REST_FRAMEWORK['PAGE_SIZE'], settings.API_MAX_PAGE_SIZE)} "
+                    f"unless given, at most {settings.API_MAX_PAGE_SIZE} (a larger number is cut to it)."
                 )
                 parameter["schema"] = {"type": "integer", "minimum": 1}
         return parameters

@@ -262,3 +262,109 @@ def test_anonymous_writes_are_401_before_anything_else(make_product):
     assert_error(anonymous.post(PRODUCTS, b"{", content_type="application/json"), 401)  # not 400
     assert snapshot(product) == before
     assert Product.objects.count() == 1
+
+
+def test_read_only_fields_on_patch_are_a_400_naming_them(staff_api, make_product):
+    product = make_product(stock=3, name="Keep")
+    before = snapshot(product)
+
+    response = staff_api.patch(
+        detail(product.pk), {"name": "Changed", "id": 7, "created_at": "2020-01-01"}, format="json"
+    )
+
+    fields = assert_error(response, 400, code="invalid")["fields"]
+    assert set(fields) == {"id", "created_at"}
+    assert all("Read-only" in messages[0] for messages in fields.values())
+    assert snapshot(product) == before
+
+
+@pytest.mark.parametrize(
+    ("field", "says"), [("stock_delta", "stock"), ("colour", "Unknown field"), ("id", "Read-only")]
+)
+def test_fields_a_new_product_does_not_take_are_refused(staff_api, field, says):
+    body = {"sku": "NEW-1", "name": "New", "price": "1.00", field: 3}
+
+    fields = assert_error(staff_api.post(PRODUCTS, body, format="json"), 400, code="invalid")["fields"]
+
+    assert says in fields[field][0]
+    assert not Product.objects.exists()
+
+
+# --- search, filters, ordering, page_size (django-filter) ------------------------------
+
+
+@pytest.fixture
+def catalogue(make_product):
+    return {
+        "cable": make_product(sku="CB-USB", name="USB-C cable", price="9.99", stock=200),
+        "hub": make_product(sku="HUB-1", name="Desk hub (usb)", price="39.00", stock=0),
+        "lamp": make_product(sku="LT-01", name="Lamp", price="120.00", stock=1, active=False),
+        "mouse": make_product(sku="MS-01", name="Wireless mouse", price="29.50", stock=40),
+    }
+
+
+def ids(response) -> list[int]:
+    assert response.status_code == 200, response.content
+    return [p["id"] for p in response.json()["results"]]
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ({"search": "usb"}, ["cable", "hub"]),  # name or sku, any case
+        ({"search": "ms-"}, ["mouse"]),
+        ({"sku": "lt-01"}, ["lamp"]),
+        ({"active": "false"}, ["lamp"]),
+        ({"active": "true", "stock_min": 1}, ["cable", "mouse"]),
+        ({"stock_max": 1}, ["hub", "lamp"]),
+        ({"stock_min": 1, "stock_max": 40}, ["lamp", "mouse"]),
+        ({"price_min": "29.50", "price_max": "100"}, ["hub", "mouse"]),
+        ({"search": "nothing like it"}, []),
+    ],
+)
+def test_products_can_be_searched_and_filtered(api, catalogue, query, expected):
+    assert ids(api.get(PRODUCTS, query)) == [catalogue[name].pk for name in expected]
+
+
+@pytest.mark.parametrize(
+    ("ordering", "expected"),
+    [
+        ("-price", ["lamp", "hub", "mouse", "cable"]),
+        ("stock", ["hub", "lamp", "mouse", "cable"]),
+        ("name", ["hub", "lamp", "cable", "mouse"]),
+        ("-stock,name", ["cable", "mouse", "lamp", "hub"]),
+    ],
+)
+def test_products_can_be_ordered(api, catalogue, ordering, expected):
+    assert ids(api.get(PRODUCTS, {"ordering": ordering})) == [catalogue[name].pk for name in expected]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"ordering": "secret"},
+        {"ordering": "price; DROP TABLE inventory_product"},
+        {"stock_min": "many"},
+        {"stock_min": -1},
+        {"stock_max": 10**30},
+        {"price_min": "abc"},
+        {"price_max": "1" * 40},
+        {"search": "x" * 201},
+    ],
+)
+def test_bad_filters_are_a_400_naming_the_parameter(api, catalogue, query):
+    body = assert_error(api.get(PRODUCTS, query), 400, code="invalid")
+
+    assert set(body["fields"]) == set(query)
+    assert Product.objects.count() == 4
+
+
+def test_page_size_is_bounded(api, catalogue, settings):
+    settings.API_MAX_PAGE_SIZE = 3
+
+    first = api.get(PRODUCTS, {"page_size": 2, "ordering": "-price"}).json()
+
+    assert [p["sku"] for p in first["results"]] == ["LT-01", "HUB-1"]
+    assert "page_size=2" in first["next"] and "ordering=-price" in first["next"]
+    assert len(api.get(PRODUCTS, {"page_size": 500}).json()["results"]) == 3
+    assert len(api.get(PRODUCTS, {"page_size": "x"}).json()["results"]) == 3  # the default, cut to the maximum

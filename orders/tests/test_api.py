@@ -477,6 +477,92 @@ def test_list_refuses_an_unknown_status(api):
     assert "status" in body["fields"]
 
 
+def cancel(order: Order, reason: str = "out of stock") -> None:
+    services.order_compensate(order_id=order.pk, reason=reason)
+    services.order_delete(order_id=order.pk)
+
+
+def test_status_cancelled_lists_my_cancelled_orders_and_staff_sees_all(api, staff_api, product, user, other_user):
+    mine = [place(user, product) for _ in range(2)]
+    theirs = place(other_user, product)
+    live = place(user, product)
+    for order in (*mine, theirs):
+        cancel(order, reason=f"reason {order.pk}")
+
+    response = api.get(ORDERS, {"status": "cancelled"})
+
+    assert response.status_code == 200
+    body = response.json()
+    assert body["count"] == 2
+    assert [o["id"] for o in body["results"]] == sorted((o.pk for o in mine), reverse=True)
+    for row in body["results"]:
+        assert row["status"] == "cancelled"
+        assert row["reason"] == f"reason {row['id']}"
+        assert row == api.get(detail(row["id"])).json()  # what the 410 answers
+    staff = staff_api.get(ORDERS, {"status": "cancelled"}).json()
+    assert {o["id"] for o in staff["results"]} == {*(o.pk for o in mine), theirs.pk}
+    # without the filter: the orders that exist, as before
+    assert [o["id"] for o in api.get(ORDERS).json()["results"]] == [live.pk]
+
+
+def test_cancelled_orders_are_paginated_like_the_rest(api, product, user):
+    orders = [place(user, product) for _ in range(3)]
+    for order in orders:
+        cancel(order)
+
+    first = api.get(ORDERS, {"status": "cancelled", "page_size": 2}).json()
+    second = api.get(first["next"]).json()
+
+    assert first["count"] == 3
+    assert len(first["results"]) == 2
+    assert "status=cancelled" in first["next"]
+    assert [o["id"] for o in first["results"] + second["results"]] == [o.pk for o in reversed(orders)]
+    assert_error(api.get(ORDERS, {"status": "cancelled", "page": 9}), 404)
+
+
+def test_an_unknown_status_names_cancelled_among_the_choices(api):
+    body = assert_error(api.get(ORDERS, {"status": "canceled"}), 400, fields=True)
+
+    assert "cancelled" in body["fields"]["status"][0]
+
+
+def test_page_size_is_bounded(api, product, user, settings):
+    settings.API_MAX_PAGE_SIZE = 3
+    for _ in range(5):
+        place(user, product)
+
+    assert len(api.get(ORDERS, {"page_size": 2}).json()["results"]) == 2
+    assert len(api.get(ORDERS, {"page_size": 1000}).json()["results"]) == 3
+    assert len(api.get(ORDERS).json()["results"]) == 3  # 50 by default, cut to the maximum too
+
+
+@pytest.mark.parametrize(
+    ("body", "path", "says"),
+    [
+        ({"lines": [{"product": "P", "quantity": 1}], "status": "confirmed"}, ("status",), "cancel"),
+        ({"lines": [{"product": "P", "quantity": 1}], "user": "someone"}, ("user",), "Read-only"),
+        ({"lines": [{"product": "P", "quantity": 1}], "note": "x"}, ("note",), "Unknown field"),
+        ({"lines": [{"product": "P", "quantity": 1, "unit_price": "0.01"}]}, ("lines", "0", "unit_price"), "price"),
+        ({"lines": [{"product": "P", "quantity": 1, "qty": 5}]}, ("lines", "0", "qty"), "quantity"),
+    ],
+)
+def test_fields_an_order_does_not_take_are_refused_not_dropped(api, product, body, path, says):
+    def resolve(value):
+        if isinstance(value, dict):
+            return {k: resolve(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [resolve(v) for v in value]
+        return product.pk if value == "P" else value
+
+    response = api.post(ORDERS, resolve(body), format="json")
+
+    error = assert_error(response, 400, code="invalid", fields=True)["fields"]
+    for key in path:
+        error = error[key]
+    assert says in error[0]
+    assert_nothing_written()
+
+
 # --- POST /api/orders/{id}/cancel/ ----------------------------------------------
 
 

@@ -74,3 +74,13 @@ def test_bad_pages_are_404_in_the_error_shape(api, query, status):
 
     assert response.status_code == status
     assert set(response.json()) == {"code", "detail"}
+
+
+def test_page_size_is_bounded(api, settings):
+    settings.API_MAX_PAGE_SIZE = 2
+    for product_id in (401, 402, 403):
+        services.product_sync(product_id=product_id, name=f"P{product_id}", version=1)
+
+    assert [r["product"] for r in api.get(REPORTS, {"page_size": 1}).json()["results"]] == [401]
+    body = api.get(REPORTS, {"page_size": 100}).json()
+    assert (body["count"], len(body["results"])) == (3, 2)
