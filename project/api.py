@@ -78,8 +78,8 @@ class TokenObtainApi(ObtainAuthToken):
         parameters=[RETRY_AFTER],
         examples=[
             OpenApiExample(
-                "a user's password",
-                value={"username": "alice", "password": "correct-horse-battery"},
+                "the superuser of .env.example",
+                value={"username": "admin", "password": "change-me"},
                 request_only=True,
             )
         ],

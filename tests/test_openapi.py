@@ -9,9 +9,13 @@ import json
 import pytest
 from django.conf import settings
 from django.contrib.staticfiles import finders
+from django.core.cache import caches
 from django.core.management import call_command
 from rest_framework.test import APIClient
 
+from inventory.serializers import ProductCreateInputSerializer, ProductUpdateInputSerializer
+from orders.serializers import OrderCreateInputSerializer
+from project.api import TokenObtainInputSerializer
 from project.errors import error_body
 
 SCHEMA = "/api/schema/"
@@ -127,3 +131,83 @@ def test_headers_parameters_and_enums_are_described(document):
     order_id = document["paths"]["/api/orders/{order_id}/"]["get"]["parameters"][0]
     assert (order_id["in"], order_id["schema"]["type"]) == ("path", "integer")
     assert set(document["components"]["securitySchemes"]) == {"tokenAuth", "cookieAuth"}
+
+
+# --- Swagger UI's examples: each write operation's default is a request that succeeds ---------
+
+# The serializer that reads each operation's request body.
+REQUEST_BODIES = {
+    ("post", "/api/orders/"): OrderCreateInputSerializer,
+    ("post", "/api/products/"): ProductCreateInputSerializer,
+    ("patch", "/api/products/{product_id}/"): ProductUpdateInputSerializer,
+    ("post", "/api/auth/token/"): TokenObtainInputSerializer,
+}
+# .env.example's superuser: the token example's credentials.
+EXAMPLE_USER = {"username": "admin", "password": "change-me"}
+
+
+def operations(document):
+    for path, methods in document["paths"].items():
+        for method, operation in methods.items():
+            yield method, path, operation
+
+
+def request_examples(operation) -> list:
+    """The bodies Swagger UI offers, the first one pre-filled."""
+    return [
+        example["value"] for example in operation["requestBody"]["content"]["application/json"]["examples"].values()
+    ]
+
+
+def filled_path(path: str, operation) -> str:
+    """The path with each parameter's example, as Swagger UI fills it in."""
+    for parameter in operation.get("parameters", []):
+        if parameter["in"] == "path":
+            (example,) = parameter["examples"].values()
+            path = path.replace(f"{{{parameter['name']}}}", str(example["value"]))
+    assert "{" not in path, path
+    return path
+
+
+def test_every_request_body_has_examples_its_serializer_accepts(document, django_user_model, make_product):
+    django_user_model.objects.create_user(**EXAMPLE_USER)  # the token serializer checks the password
+    with_bodies = {(method, path) for method, path, operation in operations(document) if "requestBody" in operation}
+
+    assert with_bodies == set(REQUEST_BODIES)
+    for method, path, operation in operations(document):
+        if (method, path) not in REQUEST_BODIES:
+            continue
+        examples = request_examples(operation)
+        assert examples, (method, path)
+        for body in examples:
+            serializer = REQUEST_BODIES[method, path](data=body, context={"request": None})
+            assert serializer.is_valid(), (method, path, body, serializer.errors)
+
+
+def test_every_path_parameter_has_an_example(document):
+    for method, path, operation in operations(document):
+        for parameter in operation.get("parameters", []):
+            if parameter["in"] == "path":
+                assert parameter["examples"], (method, path, parameter["name"])
+
+
+@pytest.mark.django_db(transaction=True, reset_sequences=True)
+def test_swagger_uis_default_requests_succeed_on_the_demo_data(document, django_user_model, no_workers):
+    """What a newcomer gets by pressing "Try it out" then "Execute" on each operation, after `make run`."""
+    caches["throttle"].clear()
+    call_command("seed_demo")
+    django_user_model.objects.create_superuser(email="", **EXAMPLE_USER)
+    client = APIClient()
+    client.force_authenticate(django_user_model.objects.get(username=EXAMPLE_USER["username"]))
+    # Creates before reads and changes of what they created (order 1 is placed by the first POST).
+    order = ["/api/orders/", "/api/orders/{order_id}/", "/api/orders/{order_id}/cancel/"]
+    ordered = sorted(operations(document), key=lambda op: order.index(op[1]) if op[1] in order else len(order))
+
+    answers = {}
+    for method, path, operation in ordered:
+        body = request_examples(operation)[0] if "requestBody" in operation else None
+        response = getattr(client, method)(filled_path(path, operation), body, format="json")
+        answers[method, path] = response.status_code
+
+    assert all(200 <= status < 300 for status in answers.values()), answers
+    caches["throttle"].clear()
