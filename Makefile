@@ -161,25 +161,41 @@ superuser: migrate
 
 # --- the two commands -------------------------------------------------------------
 
-# honcho numbers PORT per process (base + 100 each), so web is the Procfile's
-# first line; .env is already merged into the environment, hence -e /dev/null.
+# The Procfile's processes run under supervisord, which restarts any that exits or is
+# killed. `honcho export` writes its configuration from the Procfile (template:
+# scripts/supervisord/supervisord.conf), numbering PORT per process (base + 100 each), so
+# web is the Procfile's first line; .env is already merged into the environment, hence -e /dev/null.
 # Flower always runs behind basic auth: without FLOWER_BASIC_AUTH, a credential is generated
-# once into $ORDERFLOW_VAR_DIR/flower_basic_auth (mode 600) and printed here.
+# once into $ORDERFLOW_VAR_DIR/flower_basic_auth (mode 600) and shown in the ready banner.
 run: migrate collectstatic seed superuser
 	@$(LOAD_DOTENV); \
 	export PORT="$${PORT:-8000}" FLOWER_PORT="$${FLOWER_PORT:-5555}"; \
+	var_dir="$${ORDERFLOW_VAR_DIR:-$(CURDIR)/var}"; \
 	flower_login="FLOWER_BASIC_AUTH"; \
 	if [ -z "$${FLOWER_BASIC_AUTH:-}" ]; then \
-		auth_file="$${ORDERFLOW_VAR_DIR:-$(CURDIR)/var}/flower_basic_auth"; \
+		auth_file="$$var_dir/flower_basic_auth"; \
 		if [ ! -s "$$auth_file" ]; then \
 			mkdir -p "$$(dirname "$$auth_file")"; \
 			(umask 077; $(PY) -c 'import secrets; print("admin:" + secrets.token_urlsafe(16))' > "$$auth_file"); \
 		fi; \
 		export FLOWER_BASIC_AUTH="$$(cat "$$auth_file")"; \
-		flower_login="$$FLOWER_BASIC_AUTH (from $$auth_file)"; \
+		flower_login="$$FLOWER_BASIC_AUTH (kept in $$auth_file)"; \
 	fi; \
-	echo "orderflow: web http://127.0.0.1:$$PORT/ (/admin/, /api/, /api/docs/, /healthz), Flower http://127.0.0.1:$$FLOWER_PORT/ (login $$flower_login) -- Ctrl-C stops everything"; \
-	exec honcho start -f Procfile -e /dev/null -p "$$PORT"
+	run_dir="$$var_dir/run"; mkdir -p "$$run_dir"; \
+	out=$$(honcho export -f Procfile -e /dev/null -p "$$PORT" -a orderflow -l "$$run_dir" \
+		-t scripts/supervisord supervisord "$$run_dir" 2>&1) || { echo "$$out" >&2; exit 1; }; \
+	web="http://127.0.0.1:$$PORT"; \
+	export ORDERFLOW_READY_BANNER="$$(printf '%s\n' \
+		"" \
+		"orderflow is ready -- Ctrl-C stops everything" \
+		"  home        $$web/" \
+		"  admin       $$web/admin/" \
+		"  API         $$web/api/   (docs: $$web/api/docs/)" \
+		"  health      $$web/healthz   $$web/readyz" \
+		"  Flower      http://127.0.0.1:$$FLOWER_PORT/   login $$flower_login" \
+		"  processes   supervisorctl -c $$run_dir/orderflow.conf status" \
+		"")"; \
+	exec supervisord -n -c "$$run_dir/orderflow.conf"
 
 # var/test keeps the test database and broker folders away from a running `make run`.
 test: install

@@ -61,6 +61,7 @@ ABANDONED_WRITE_SECONDS = 60.0
 DELIVERIES_PER_POLL = 32
 
 _LOCK_NAME = "lock"
+_MARKER_SUFFIX = ".consumer"
 
 
 class _Owner:
@@ -145,13 +146,48 @@ def recover_orphaned_claims(claimed_root: Path, queue_folder: Path, *, skip: str
                 )
             moved += requeued
             try:
-                os.unlink(folder / _LOCK_NAME)
+                for filename in os.listdir(folder):
+                    os.unlink(folder / filename)  # the lock and the consumer markers
                 os.rmdir(folder)
             except OSError:
                 pass
         finally:
             os.close(fd)
     return moved
+
+
+def queue_consumers(claimed_root: Path, queue: str) -> list[float]:
+    """When each live consumer of `queue` last took a message from it (Unix times, seconds).
+
+    A consumer is a process with a claim folder whose lock is held (it is alive)
+    and that has taken at least one message of `queue`; the time is the mtime of
+    its `<queue>.consumer` marker, touched at every claim. Reads only: a dead
+    owner's folder is left for `recover_orphaned_claims`.
+    """
+    taken = []
+    try:
+        names = os.listdir(claimed_root)
+    except FileNotFoundError:
+        return taken
+    for name in names:
+        if name.startswith("."):
+            continue
+        folder = claimed_root / name
+        try:
+            last = (folder / f"{queue}{_MARKER_SUFFIX}").stat().st_mtime
+            fd = os.open(folder / _LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        try:
+            # Taken and given back at once when free: is the lock held by another process?
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            taken.append(last)  # held: the consumer is alive
+        else:
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+    return taken
 
 
 def remove_abandoned_writes(queue_folder: Path, *, older_than: float = ABANDONED_WRITE_SECONDS) -> int:
@@ -179,6 +215,7 @@ class Channel(filesystem.Channel):
         self._claims: dict[str, Path] = {}
         self._no_ack_queues: set[str] = set()
         self._orphans_checked_at: float | None = None
+        self._markers: dict[str, Path] = {}
 
     @property
     def _claimed_root(self) -> Path:
@@ -224,8 +261,16 @@ class Channel(filesystem.Channel):
                 mine.unlink()  # consumed without acknowledgement: it is delivered now
             else:
                 self._claims[tag] = mine
+                self._mark_taken(owner, queue)
             return message
         raise Empty()
+
+    def _mark_taken(self, owner: _Owner, queue: str) -> None:
+        """Touch `<owner>/<queue>.consumer`: this process took a message of `queue` now (see queue_consumers)."""
+        marker = self._markers.get(queue)
+        if marker is None or marker.parent != owner.folder:
+            marker = self._markers[queue] = owner.folder / f"{queue}{_MARKER_SUFFIX}"
+        marker.touch()
 
     def _maybe_recover_orphans(self) -> None:
         now = monotonic()

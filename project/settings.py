@@ -284,6 +284,9 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = env.int("CELERY_WORKER_PREFETCH_MULTIPLIER",
 # How long a worker waits for a result from a pool process that died before
 # declaring the job lost (and redelivering it).
 CELERY_WORKER_LOST_WAIT = env.float("CELERY_WORKER_LOST_WAIT", default=10.0)
+# /readyz reports a service queue as "stalled" when messages wait and no consumer
+# took one for this long (project/health.py; seconds).
+CONSUMER_STALL_SECONDS = env.float("CONSUMER_STALL_SECONDS", default=60.0)
 # Tasks reuse database connections as requests do (CONN_MAX_AGE): the
 # handlers in project/celery.py close old connections around each task, so
 # Celery's own close-after-every-task is turned off here.
