@@ -32,7 +32,7 @@ PYTEST_ARGS ?=
 
 export DJANGO_SETTINGS_MODULE := project.settings
 export PYTHONUNBUFFERED := 1
-# honcho's processes (gunicorn, celery) are found in the venv without activating it.
+# supervisord's processes (gunicorn, celery) are found in the venv without activating it.
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
@@ -91,7 +91,7 @@ install-docs: $(DOCS_STAMP)
 # --- helpers (Python run with Django set up) -----------------------------------------
 
 # Prints `export KEY=value` for each .env entry the environment does not set,
-# so steps that read the environment themselves (createsuperuser, honcho's
+# so steps that read the environment themselves (createsuperuser, supervisord's
 # processes) see .env the way Django does.
 define DOTENV_PY
 import os, shlex, environ
