@@ -12,8 +12,8 @@ from django.utils import timezone
 
 from inventory import services as inventory
 from inventory.models import Product, StockReservation
+from ops.audit import audit
 from orders import services as orders
-from orders.audit import audit
 from orders.models import CancelledOrder, Order
 from reports import public as reports_public
 from reports import services as reports
