@@ -71,7 +71,7 @@ def read_books(*, stale_after: timedelta | None = None, now: datetime | None = N
     """What the checks compare; `stale_after` defaults to the sweeper's every dispatch and one timeout more."""
     if stale_after is None:
         stale_after = timedelta(seconds=settings.SAGA_TIMEOUT_SECONDS * (settings.SAGA_MAX_ATTEMPTS + 1))
-    # Recorded sales are read before reports' totals (ops/tests/test_audit.py commits a sale in between).
+    # Recorded sales before reports' totals: the snapshot test (ops/tests/test_audit.py) commits a sale between them.
     return Books(
         now=now or timezone.now(),
         stale_after=stale_after,
