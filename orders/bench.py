@@ -51,11 +51,11 @@ from django.db import close_old_connections, connections
 from django.utils import timezone
 
 from inventory import services as inventory_services
+from ops.audit import audit
 from project.celery import app
 from project.db import service_db
 
 from . import services
-from .audit import audit
 from .models import BenchFloorChain, CancelledOrder, Order
 
 logger = logging.getLogger(__name__)

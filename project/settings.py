@@ -51,6 +51,7 @@ INSTALLED_APPS = [
     "orders",
     "inventory",
     "reports",
+    "ops",
 ]
 
 MIDDLEWARE = [

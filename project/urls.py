@@ -5,6 +5,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from project.health import healthz, readyz
 
 urlpatterns = [
+    path("admin/", include("ops.urls")),  # the saga dashboard, an admin page of the operations app
     path("admin/", admin.site.urls),
     path("api/", include("orders.urls")),
     path("api/", include("inventory.urls")),

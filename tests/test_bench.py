@@ -11,7 +11,7 @@ import json
 import pytest
 from django.core.management import call_command
 
-from orders.audit import audit
+from ops.audit import audit
 from orders.models import CancelledOrder, Order
 
 pytestmark = [pytest.mark.saga, pytest.mark.timeout(180)]

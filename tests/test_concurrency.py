@@ -17,7 +17,7 @@ from rest_framework.authtoken.models import Token
 
 from conftest import wait_for
 from inventory.models import Product, StockReservation
-from orders.audit import audit
+from ops.audit import audit
 from orders.models import CancelledOrder, Order, OrderLine
 from reports.models import ProductReport
 

@@ -21,8 +21,8 @@ from django.db import InterfaceError, OperationalError, connection, connections
 
 from conftest import BASE_DIR, SWEEP_TIMEOUT_SECONDS, wait_for
 from inventory.models import Product
+from ops.audit import audit
 from orders import services as order_services
-from orders.audit import audit
 from orders.models import CancelledOrder, Order
 from reports.models import ProductReport
 

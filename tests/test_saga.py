@@ -19,8 +19,8 @@ from django.db import close_old_connections, connections, transaction
 from conftest import wait_for
 from inventory import services as inventory_services
 from inventory.models import OrderReservation, Product, StockReservation
+from ops.audit import audit
 from orders import services as order_services
-from orders.audit import audit
 from orders.models import CancelledOrder, Order, OrderLine
 from orders.saga import compensation_saga, order_saga
 from project.celery import app

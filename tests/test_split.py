@@ -113,8 +113,8 @@ def count(alias: str, sql: str, *params) -> int:
 @split_only
 @pytest.mark.saga
 def test_a_saga_writes_each_services_rows_in_its_own_database(workers, user, make_product):
+    from ops.audit import audit
     from orders import services as order_services
-    from orders.audit import audit
 
     product = make_product(stock=3)
     order_id = order_services.order_create(user=user, lines=[{"product": product.pk, "quantity": 2}]).order.pk

@@ -114,7 +114,7 @@ def test_tour_orders_confirm_compensate_and_cancel(page, flower_page, workers, s
     # --- the dashboard, from the index's link -----------------------------------------------
     page.goto("/admin/")
     page.locator("#saga-dashboard-module").get_by_role("link", name="Saga dashboard").click()
-    expect(page).to_have_url(re.compile(r"/admin/orders/order/dashboard/$"))
+    expect(page).to_have_url(re.compile(r"/admin/dashboard/$"))
     expect(page.locator("#status-confirmed .count")).to_have_text("1")
     expect(page.locator("#status-pending .count")).to_have_text("0")
     expect(page.locator("#status-cancelled .count")).to_have_text("1")

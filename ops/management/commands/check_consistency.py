@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from django.core.management.base import BaseCommand
 
-from orders.audit import audit
+from ops.audit import audit
 
 
 class Command(BaseCommand):
