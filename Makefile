@@ -227,7 +227,7 @@ run: migrate collectstatic seed superuser
 		"  Flower      http://127.0.0.1:$$FLOWER_PORT/   login $$flower_login" \
 		"  processes   supervisorctl -c $$run_dir/orderflow.conf status" \
 		"")"; \
-	exec supervisord -n -c "$$run_dir/orderflow.conf"
+	exec $(PY) scripts/supervisord/foreground.py supervisord -n -c "$$run_dir/orderflow.conf"
 
 # var/test keeps the test database and broker folders away from a running `make run`.
 test: install-dev
