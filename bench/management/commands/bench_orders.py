@@ -1,15 +1,22 @@
 """Load the real pipeline with orders; print throughput, latency percentiles and the audit.
 
-See orders/bench.py and the README's "Performance" section. Exit status 1 when
-the run failed: a client error, an order that never ended, or any violation
-found by the consistency audit afterwards.
+    make bench ARGS="--orders 200 --spawn --baseline"
+    ORDERFLOW_BENCH=1 .venv/bin/python manage.py bench_orders --orders 200 --spawn --baseline
+
+See bench/run.py, bench/isolation.py and the performance doc. Exit status 1
+when the run failed: a client error, an order that never ended, no workers,
+or any violation found by the consistency audit afterwards.
 """
 
 import json
+import os
+import sys
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from orders import bench
+from bench import isolation, run
+from bench.report import render
 
 
 def _positive_int(value: str) -> int:
@@ -23,8 +30,10 @@ class Command(BaseCommand):
     help = (
         "Place orders through the real pipeline (workers, broker, database), wait until every one is "
         "confirmed or cancelled, and print throughput, latency percentiles and the consistency audit. "
-        "--baseline also measures the floor: a chain of three trivial tasks through the same broker, "
-        "database and workers. --spawn starts (and stops) the workers and, for --via api, gunicorn."
+        "--spawn starts (and stops) the workers and, for --via api, gunicorn, in a database and broker of "
+        "the bench's own; without it the bench uses the running workers and their database. Either way it "
+        "deletes the products, orders and user it made unless --keep. --baseline also measures the floor: "
+        "a chain of three trivial tasks through the same broker, database and workers."
     )
 
     def add_arguments(self, parser):
@@ -58,8 +67,19 @@ class Command(BaseCommand):
         parser.add_argument(
             "--idempotency-keys", action="store_true", help="send an Idempotency-Key with each POST (--via api)"
         )
+        parser.add_argument(
+            "--keep", action="store_true", help="keep the run's products, orders and user (deleted by default)"
+        )
         spawn = parser.add_argument_group("processes started by the bench (--spawn)")
-        spawn.add_argument("--spawn", action="store_true", help="start one worker per queue (and gunicorn), stop after")
+        spawn.add_argument(
+            "--spawn",
+            action="store_true",
+            help="start one worker per queue (and gunicorn), stop them after; in a database and broker of the "
+            "bench's own (names derived from the configured ones)",
+        )
+        spawn.add_argument(
+            "--in-place", action="store_true", help="with --spawn: use the configured database and broker instead"
+        )
         spawn.add_argument("--worker-pool", default="prefork", choices=["prefork", "threads", "solo"], help="celery -P")
         spawn.add_argument("--worker-concurrency", type=_positive_int, default=2, help="celery -c, each worker")
         spawn.add_argument("--worker-optimization", default="fair", choices=["fair", "default"], help="celery -O")
@@ -69,8 +89,53 @@ class Command(BaseCommand):
         spawn.add_argument("--web-threads", type=_positive_int, default=4, help="gunicorn --threads")
         spawn.add_argument("--no-access-log", action="store_true", help="gunicorn without --access-logfile -")
 
+    def run_from_argv(self, argv):
+        self.argv = argv  # to run itself again in a world of its own
+        super().run_from_argv(argv)
+
+    def log(self, message: str) -> None:
+        self.stderr.write(f"bench_orders: {message}")
+
     def handle(self, *args, **o):
-        options = bench.BenchOptions(
+        own_world = o["spawn"] and not o["in_place"]
+        if own_world and os.environ.get(isolation.OWN_WORLD) != "1":
+            self._run_in_own_world()  # does not return
+        try:
+            if own_world:
+                isolation.prepare_own_world()
+                self.log(f"in a world of its own: {isolation.describe_world()}")
+            else:
+                self.log(
+                    f"in the configured {isolation.describe_world()}; "
+                    + ("keeps what it makes (--keep)" if o["keep"] else "deletes what it makes at the end")
+                )
+            report = run.run(self._options(o))
+        except isolation.BenchFailed as exc:
+            raise CommandError(str(exc), returncode=1) from exc
+        if o["json"]:
+            self.stdout.write(json.dumps(report, indent=2, default=str))
+        else:
+            self.stdout.write(render(report))
+        if not report["ok"]:
+            raise CommandError(report.get("error") or "the consistency audit found violations", returncode=1)
+
+    def _run_in_own_world(self) -> None:
+        """Run this command again with the environment of its own database and broker (bench/isolation.py)."""
+        argv = getattr(self, "argv", None)
+        if not argv:
+            raise CommandError(
+                "--spawn runs the bench in a database of its own, which needs the command line "
+                "(manage.py bench_orders ...); pass --in-place to use the configured database"
+            )
+        self.log("--spawn: running in a database and broker of its own (--in-place uses the configured ones)")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        manage = str(settings.BASE_DIR / "manage.py")
+        env = {**os.environ, **isolation.own_environment()}
+        os.execve(sys.executable, [sys.executable, manage, *argv[1:]], env)  # noqa: S606 (our interpreter, our argv)
+
+    def _options(self, o: dict) -> run.BenchOptions:
+        return run.BenchOptions(
             orders=o["orders"],
             concurrency=o["concurrency"],
             rate=o["rate"],
@@ -84,6 +149,7 @@ class Command(BaseCommand):
             url=o["url"],
             idempotency_keys=o["idempotency_keys"],
             spawn=o["spawn"],
+            keep=o["keep"],
             worker_pool=o["worker_pool"],
             worker_concurrency=o["worker_concurrency"],
             worker_optimization=o["worker_optimization"],
@@ -92,77 +158,11 @@ class Command(BaseCommand):
             web_workers=o["web_workers"],
             web_threads=o["web_threads"],
             web_access_log=not o["no_access_log"],
-            log=lambda message: self.stderr.write(f"bench_orders: {message}"),
+            log=self.log,
+            # A live progress line only for a person watching a terminal.
+            progress=self._draw if self.stdout.isatty() and not o["json"] else None,
         )
-        report = bench.run(options)
-        if o["json"]:
-            self.stdout.write(json.dumps(report, indent=2, default=str))
-        else:
-            self.stdout.write(render(report))
-        if not report["ok"]:
-            raise CommandError(report.get("error") or "the consistency audit found violations", returncode=1)
 
-
-def _row(name: str, figures: dict | None) -> str:
-    if not figures or not figures.get("count"):
-        return f"  {name:<22}{'-':>9}"
-    cells = "".join(f"{figures[k]:>9.1f}" for k in ("p50", "p95", "p99", "max"))
-    return f"  {name:<22}{cells}   (n={figures['count']})"
-
-
-def _cpu(figures: dict) -> list[str]:
-    cpu = figures.get("cpu_ms_per_item")
-    if not cpu:
-        return []
-    parts = ", ".join(f"{name} {ms}" for name, ms in cpu.get("per_process", {}).items())
-    return [
-        f"  cpu ms per item: {cpu['spawned']} in the spawned processes ({parts}), {cpu['bench_process']} in the bench"
-    ]
-
-
-def render(report: dict) -> str:
-    o, env = report["options"], report["environment"]
-    pace = f"{o['rate']:g}/s" if o["rate"] else "burst"
-    lines = [
-        f"bench_orders {report['run_id']}: {o['orders']} orders, {o['concurrency']} clients, {pace}, "
-        f"via {o['via']}, fail ratio {o['fail_ratio']:g} ({o['refusals']}); "
-        f"{env['database']} + {env['broker']}, {env['cpus']} cpus, load {env['load_average_before']}",
-    ]
-    if o["spawn"]:
-        lines.append(
-            f"spawned workers: -P {o['worker_pool']} -c {o['worker_concurrency']} -O {o['worker_optimization']} "
-            f"prefetch {o['prefetch_multiplier']} -l {o['worker_loglevel']}"
-            + (f"; gunicorn {o['web_workers']}x{o['web_threads']} threads" if o["via"] == "api" else "")
-        )
-    header = f"  {'latency (ms)':<22}{'p50':>9}{'p95':>9}{'p99':>9}{'max':>9}"
-    floor = report.get("floor")
-    if floor:
-        lines += [
-            f"floor: {floor['chains']} chains of 3 trivial tasks: published {floor['accepted_per_s']}/s, "
-            f"done {floor['done_per_s']}/s end to end ({floor['wall_seconds']} s)",
-            header,
-            _row("publish", floor["latency_ms"]["publish"]),
-            _row("publish→done", floor["latency_ms"]["publish_to_done"]),
-        ]
-        lines += _cpu(floor)
-    saga = report.get("saga")
-    if saga:
-        lines += [
-            f"saga: accepted {saga['accepted_per_s']}/s; terminal {saga['terminal_per_s']}/s end to end "
-            f"({saga['wall_seconds']} s): {saga['confirmed']} confirmed, {saga['cancelled']} cancelled "
-            f"(stock allows {report['expected']['confirmed']})",
-            header,
-            _row("accept", saga["latency_ms"]["accept"]),
-            _row("commit→confirmed", saga["latency_ms"]["commit_to_confirmed"]),
-            _row("commit→cancelled", saga["latency_ms"]["commit_to_cancelled"]),
-        ]
-        lines += _cpu(saga)
-    if "ratio" in report:
-        lines.append(f"saga/floor: {report['ratio']:.2f}")
-    if "audit" in report:
-        audit = report["audit"]
-        lines.append("audit: consistent" if audit["ok"] else f"audit: {len(audit['violations'])} violation(s)")
-        lines += [f"  VIOLATION {v}" for v in audit["violations"]]
-    if report.get("error"):
-        lines.append(f"FAILED: {report['error']}")
-    return "\n".join(lines)
+    def _draw(self, text: str) -> None:
+        self.stdout.write(text, ending="")
+        self.stdout.flush()
