@@ -33,7 +33,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -87,10 +87,8 @@ class BenchOptions:
     progress: Callable[[str], None] | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict:
-        data = asdict(self)
-        data.pop("log")
-        data.pop("progress")
-        return data
+        """The options as the report records them (not the callables)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("log", "progress")}
 
 
 # --- figures -----------------------------------------------------------------
