@@ -7,7 +7,7 @@ LEGEND = [
     "  accept            how long one client call took (order_create, or POST /api/orders/)",
     "  commit→confirmed  from an order's commit to its saga's last step; commit→cancelled: to its compensation's",
     "  floor             3 trivial tasks per chain through the same clients, broker, database and workers: the limit",
-    "  saga/floor        the saga's terminal/s over the floor's done/s (1.0 would be the architecture's limit)",
+    "  saga/floor        the saga's terminal/s over the floor's done/s: how near the saga comes to the limit",
     "  cpu ms per item   CPU milliseconds per order (or chain) in the processes the bench started, and in itself",
     "  audit             the consistency invariants checked on the data afterwards (check_consistency)",
 ]

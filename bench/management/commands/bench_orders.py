@@ -8,9 +8,12 @@ when the run failed: a client error, an order that never ended, no workers,
 or any violation found by the consistency audit afterwards.
 """
 
+import contextlib
 import json
+import logging
 import os
 import sys
+from collections.abc import Iterator
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
@@ -24,6 +27,20 @@ def _positive_int(value: str) -> int:
     if number < 1:
         raise ValueError(value)
     return number
+
+
+@contextlib.contextmanager
+def _quiet_services() -> Iterator[None]:
+    """The services' INFO lines ("order 12 placed by ...") stay in the workers' logs, not the bench's output."""
+    loggers = [logging.getLogger(name) for name in ("orders", "inventory", "reports")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 class Command(BaseCommand):
@@ -109,7 +126,8 @@ class Command(BaseCommand):
                     f"in the configured {isolation.describe_world()}; "
                     + ("keeps what it makes (--keep)" if o["keep"] else "deletes what it makes at the end")
                 )
-            report = run.run(self._options(o))
+            with _quiet_services():
+                report = run.run(self._options(o))
         except isolation.BenchFailed as exc:
             raise CommandError(str(exc), returncode=1) from exc
         if o["json"]:
