@@ -36,13 +36,14 @@ export PYTHONUNBUFFERED := 1
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help install install-dev install-bench install-docs run test docs browser-deps lint format migrate createdb collectstatic seed superuser clean distclean
+.PHONY: help install install-dev install-bench install-docs run test bench docs browser-deps lint format migrate createdb collectstatic seed superuser clean distclean
 
 help:
 	@echo "make run        install, migrate, seed demo data, then run web + workers + beat + Flower"
 	@echo "                (PORT=$${PORT:-8000}, FLOWER_PORT=$${FLOWER_PORT:-5555}; Ctrl-C stops everything)"
 	@echo "make test       install the dev tools, then run the test suite (PYTEST_ARGS=... passes options to pytest)"
 	@echo "make docs       install the docs tools, then build the site into site/ (mkdocs build --strict)"
+	@echo "make bench      the benchmark (bench/): ARGS=\"--orders 200 --spawn --baseline\" passes options to bench_orders"
 	@echo "make browser-deps  apt-get install Debian's chromium + chromium-driver for tests/browser (as root)"
 	@echo "make lint       ruff check + ruff format --check + lint-imports (service boundaries, .importlinter)"
 	@echo "make format     ruff check --fix + ruff format"
@@ -239,6 +240,13 @@ test: install-dev
 # docs/development.md says what follows it) on every build.
 docs: install-docs
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+# The benchmark app is installed only here (ORDERFLOW_BENCH=1, project/settings.py). With
+# --spawn it starts its own workers in a database and broker of its own; without, it uses the
+# running workers (make run) and deletes what it made afterwards. `bench_orders --help` lists ARGS.
+ARGS ?= --spawn
+bench: install-bench
+	ORDERFLOW_BENCH=1 $(PY) manage.py bench_orders $(ARGS)
 
 # The browser tests (tests/browser/, skipped without it) drive Debian's Chromium
 # through Playwright, which never downloads a browser of its own.

@@ -53,6 +53,11 @@ INSTALLED_APPS = [
     "reports",
     "ops",
 ]
+# The benchmark (bench/: `manage.py bench_orders`, its table and floor tasks) is a tool, not
+# a service: installed only where a benchmark runs. `make bench` sets ORDERFLOW_BENCH=1, and
+# so do the processes the bench starts and the test suite; `make run`, compose and the image don't.
+if env.bool("ORDERFLOW_BENCH", default=False):
+    INSTALLED_APPS += ["bench"]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",

@@ -27,10 +27,11 @@ from django.conf import settings
 from django.core.management import call_command
 from rest_framework.authtoken.models import Token
 
-from conftest import BASE_DIR, _database_url, wait_for
 from inventory.models import Product
 from orders.models import CancelledOrder, Order
 from reports.models import ProductReport
+from testing import BASE_DIR, wait_for
+from testing.workers import database_url
 
 EMBEDDED = settings.CELERY_BROKER_URL.startswith("filesystem") and settings.DATABASES["default"]["ENGINE"].endswith(
     "sqlite3"
@@ -70,7 +71,7 @@ class Stack:
             **os.environ,
             "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
             "ORDERFLOW_VAR_DIR": str(self.var),
-            "DATABASE_URL": _database_url("default"),
+            "DATABASE_URL": database_url("default"),
             "PORT": str(self.port),
             "FLOWER_PORT": str(_free_port()),
             # As in the reproduction; everything else is make run's default.
@@ -79,7 +80,8 @@ class Stack:
             "ORDERFLOW_READY_BANNER": "STACK READY",
             "PYTHONUNBUFFERED": "1",
         }
-        self.env.pop("ORDERFLOW_FAULTS_FILE", None)
+        for name in ("ORDERFLOW_FAULTS_FILE", "ORDERFLOW_BENCH"):  # make run has neither
+            self.env.pop(name, None)
         self.conf = self.run_dir / "orderflow.conf"
         self.process: subprocess.Popen | None = None
 

@@ -19,12 +19,12 @@ import pytest
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection, connections
 
-from conftest import BASE_DIR, SWEEP_TIMEOUT_SECONDS, wait_for
 from inventory.models import Product
 from ops.audit import audit
 from orders import services as order_services
 from orders.models import CancelledOrder, Order
 from reports.models import ProductReport
+from testing import BASE_DIR, SWEEP_TIMEOUT_SECONDS, wait_for
 
 pytestmark = [pytest.mark.saga, pytest.mark.faults, pytest.mark.timeout(300)]
 

@@ -1,7 +1,7 @@
 """One worker pool per queue (DESIGN §4): every task reaches its own service's workers, and only theirs.
 
 The static tests read the Celery app as every process builds it; the
-`saga`-marked ones run against the real workers of conftest.py — exactly
+`saga`-marked ones run against the real workers of testing/plugin.py — exactly
 one `celery worker` per service queue, each consuming only its queue — so a
 task that is missing a route, or registered under the wrong service, fails
 here instead of being run by whichever worker happened to share a queue.
@@ -14,8 +14,8 @@ import uuid
 import pytest
 from django.conf import settings
 
-from conftest import wait_for
 from project.celery import app
+from testing import wait_for
 
 SERVICES = tuple(settings.SERVICE_QUEUES)
 

@@ -16,7 +16,6 @@ from decimal import Decimal
 import pytest
 from django.db import close_old_connections, connections, transaction
 
-from conftest import wait_for
 from inventory import services as inventory_services
 from inventory.models import OrderReservation, Product, StockReservation
 from ops.audit import audit
@@ -25,6 +24,7 @@ from orders.models import CancelledOrder, Order, OrderLine
 from orders.saga import compensation_saga, order_saga
 from project.celery import app
 from reports.models import ProductReport, ReportedOrder
+from testing import wait_for
 
 pytestmark = [pytest.mark.saga, pytest.mark.timeout(180)]
 

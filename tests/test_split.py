@@ -10,9 +10,9 @@ from django.apps import apps
 from django.db import connections
 from django.test import override_settings
 
-from conftest import wait_for
 from project.db import service_db
 from project.routers import ServiceRouter
+from testing import wait_for
 
 SPLIT = {"orders": "default", "inventory": "inventory", "reports": "reports"}
 OWN_TABLES = {

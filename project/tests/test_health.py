@@ -163,7 +163,7 @@ def _publish_to(queue: str) -> None:
 @pytest.fixture
 def quiet_queues(no_workers):
     """No worker consumes: what a test publishes waits in its queue (purged after, by no_workers)."""
-    from conftest import purge_queues
+    from testing import purge_queues
 
     purge_queues()
 

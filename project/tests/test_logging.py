@@ -15,10 +15,10 @@ import uuid
 import pytest
 from kombu import Queue
 
-from conftest import BASE_DIR, Workers, wait_for
 from project.celery import app
 from project.logging import JsonFormatter, RoutineTaskFilter, TaskContextFilter
 from project.saga import SagaStep
+from testing import BASE_DIR, Workers, wait_for
 
 REQUIRED = {"timestamp", "level", "logger", "message"}
 

@@ -237,6 +237,20 @@ def test_no_faults_file_means_no_faults(settings):
     faults.inject("reports.sale_record", 1)
 
 
+def test_without_a_faults_file_injection_touches_no_file(settings, monkeypatch):
+    settings.ORDERFLOW_FAULTS_FILE = None
+
+    def no_file_access(*args, **kwargs):
+        raise AssertionError("fault injection looked at a file while switched off")
+
+    for name in ("read_text", "stat", "exists", "open"):
+        monkeypatch.setattr(Path, name, no_file_access)
+    monkeypatch.setattr(os, "open", no_file_access)
+    monkeypatch.setattr(os, "stat", no_file_access)
+    faults.inject("reports.sale_record", 1)
+    faults.inject("reports.sale_record:after", 1)
+
+
 def test_a_missing_or_broken_faults_file_is_ignored(fault_file, settings, tmp_path):
     settings.ORDERFLOW_FAULTS_FILE = str(tmp_path / "absent.json")
     faults.inject("reports.sale_record", 1)

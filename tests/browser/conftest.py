@@ -22,8 +22,8 @@ import pytest
 from django.conf import settings
 from kombu import Exchange, Queue
 
-from conftest import BASE_DIR, Workers, terminate, wait_for
 from project.celery import app as celery_app
+from testing import BASE_DIR, Workers, terminate, wait_for
 
 try:
     from playwright.sync_api import Browser, Page, expect, sync_playwright
