@@ -1,4 +1,4 @@
-"""The consistency audit: DESIGN §2's invariants checked on live data.
+"""The consistency audit: docs/design.md §2's invariants checked on live data.
 
 `audit()` reads what every check needs once (`Books`), then runs one small
 function per invariant; each returns its own violations. It reads the
@@ -187,7 +187,7 @@ CHECKS: tuple[Callable[[Books], Iterable[Violation]], ...] = (
 
 
 def audit(*, stale_after: timedelta | None = None, now: datetime | None = None) -> list[Violation]:
-    """Every violation of DESIGN §2's invariants, read from one snapshot per database.
+    """Every violation of docs/design.md §2's invariants, read from one snapshot per database.
 
     On PostgreSQL each service database is read in one REPEATABLE READ
     transaction (project.db.read_snapshot): a saga step that commits while the

@@ -60,7 +60,7 @@ class ProductLine:
 
     @property
     def unbalanced(self) -> int:
-        """Units held by reservations minus units reports counted: 0 once every saga has settled (DESIGN §2.5)."""
+        """Units held by reservations minus units reports counted: 0 once every saga settled (docs/design.md §2.5)."""
         return self.held - self.sold
 
 

@@ -89,7 +89,7 @@ TEMPLATES = [
 ]
 
 # --- Databases -------------------------------------------------------------
-# One database per service is possible (DESIGN §6): DATABASE_URL_INVENTORY and
+# One database per service is possible (docs/design.md §6): DATABASE_URL_INVENTORY and
 # DATABASE_URL_REPORTS move those services' tables to their own database;
 # unset, every service shares `default`. project.routers does the routing and
 # services name their alias through project.db.
@@ -300,7 +300,7 @@ CELERY_DB_REUSE_MAX = 2**31
 # Task events are for monitors (Flower). Each one is a message, and on RabbitMQ
 # the worker's main loop waits for its publisher confirm like any other: with
 # both on, py-spy saw half of that loop's time there, and `bench_orders` lost
-# a quarter of its floor and 10-20 % of the saga (README "Performance"). Off unless asked
+# a quarter of its floor and 10-20 % of the saga (docs/performance.md). Off unless asked
 # for; Flower switches workers' events on (enable_events) while it runs, and
 # CELERY_TASK_SEND_SENT_EVENT=true adds the "sent" state to what it shows.
 CELERY_WORKER_SEND_TASK_EVENTS = env.bool("CELERY_WORKER_SEND_TASK_EVENTS", default=False)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The runs behind the README's "Performance" section: every configuration RUNS times (round-robin),
+# The runs behind docs/performance.md: every configuration RUNS times (round-robin),
 # each run one `bench_orders --spawn --baseline --json` (workers, and gunicorn for --via api,
 # started and stopped by the bench), JSON documents written to $OUT.
 #

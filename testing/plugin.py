@@ -28,7 +28,7 @@ def pytest_load_initial_conftests(early_config, parser, args):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
-    """Every test that uses the database may use all of them (the split shape, DESIGN §6).
+    """Every test that uses the database may use all of them (the split shape, docs/design.md §6).
 
     Services write to their own alias (inventory, reports); pytest-django
     otherwise allows only `default`, and flushes only `default` after a

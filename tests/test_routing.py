@@ -1,4 +1,4 @@
-"""One worker pool per queue (DESIGN §4): every task reaches its own service's workers, and only theirs.
+"""One worker pool per queue (docs/design.md §4): every task reaches its own service's workers, and only theirs.
 
 The static tests read the Celery app as every process builds it; the
 `saga`-marked ones run against the real workers of testing/plugin.py — exactly
@@ -67,7 +67,7 @@ def test_the_saga_names_only_registered_tasks(registered, user):
 
 
 def test_celerys_own_tasks_go_to_a_consumed_queue():
-    """CELERY_NOTES 14: the default queue is one of the three, or Celery's tasks would wait forever."""
+    """docs/celery.md 14: the default queue is one of the three, or Celery's tasks would wait forever."""
     assert settings.CELERY_TASK_DEFAULT_QUEUE in SERVICES
     assert queue_of("celery.chord_unlock") in SERVICES
 

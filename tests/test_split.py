@@ -1,4 +1,4 @@
-"""The split-database shape (DESIGN §6): each service's tables live in its own database.
+"""The split-database shape (docs/design.md §6): each service's tables live in its own database.
 
 The router tests run in every shape (they only read settings). The rest run
 when DATABASE_URL_INVENTORY / DATABASE_URL_REPORTS are set, as in CI's split

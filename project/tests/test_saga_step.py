@@ -1,6 +1,6 @@
 """The parts of project.saga and project.faults that need no worker.
 
-Eager mode does not behave like a worker for a saga (CELERY_NOTES 10), so
+Eager mode does not behave like a worker for a saga (docs/celery.md 10), so
 the step tasks themselves are exercised with real workers in
 tests/test_saga.py; here are the pure parts, and `run_step`'s mapping of
 errors called directly on a registered task with a pushed request context.

@@ -1,10 +1,10 @@
-"""The README's Tour in a real browser: staff place orders in the admin and watch the saga settle them.
+"""The tour (docs/tour.md) in a real browser: staff place orders in the admin and watch the saga settle them.
 
 Headless Chromium (Playwright) against pytest-django's live server, with one real Celery worker
 per service queue (the `workers` fixture of testing/plugin.py), so every saga really runs, and Flower
 watching them.
 Waiting is done as a person would: reload the page until it shows the outcome, for a bounded time.
-With SCREENSHOTS=1 the pictures of README's Tour are saved into docs/img/.
+With SCREENSHOTS=1 the pictures of the tour (docs/tour.md) are saved into docs/img/.
 """
 
 import re

@@ -1,4 +1,4 @@
-"""Check DESIGN §2's invariants on live data; exit 1 on any violation."""
+"""Check docs/design.md §2's invariants on live data; exit 1 on any violation."""
 
 import json
 import sys
