@@ -10,6 +10,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
+# The runtime set only (requirements.txt): the test, lint, bench and docs tools
+# live in requirements-{dev,bench,docs}.txt and never reach the image.
 # psycopg2-binary is a prebuilt wheel: no libpq or compiler in the image.
 COPY requirements.txt ./
 RUN pip install -r requirements.txt

@@ -1,7 +1,8 @@
 # orderflow: set up, run and test from a fresh checkout (see README.md).
 #
-#   make run    .venv + requirements, migrate, seed, then web + workers + beat + Flower (Ctrl-C stops all)
-#   make test   .venv + requirements, then the whole test suite (PYTEST_ARGS="-x -k saga" narrows it)
+#   make run    .venv + requirements.txt, migrate, seed, then web + workers + beat + Flower (Ctrl-C stops all)
+#   make test   .venv + requirements-dev.txt, then the whole test suite (PYTEST_ARGS="-x -k saga" narrows it)
+#   make docs   .venv + requirements-docs.txt, then the documentation site into site/ (mkdocs build --strict)
 #
 # No target needs the virtualenv activated. Configuration is the environment,
 # then .env for what the environment leaves unset (the rule project/settings.py
@@ -19,27 +20,36 @@ PYTHON := $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev
 endif
 VENV := .venv
 PY := $(VENV)/bin/python
-# Touched after a successful install: requirements.txt newer than it means reinstall.
-STAMP := $(VENV)/.requirements-installed
+# Touched after a successful install of each requirements set: a requirements
+# file newer than its stamp means that set is installed again.
+STAMP := $(VENV)/.installed-runtime
+DEV_STAMP := $(VENV)/.installed-dev
+BENCH_STAMP := $(VENV)/.installed-bench
+DOCS_STAMP := $(VENV)/.installed-docs
+# pip's own progress output, not --quiet: the first install takes a while.
+PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check
 PYTEST_ARGS ?=
 
 export DJANGO_SETTINGS_MODULE := project.settings
 export PYTHONUNBUFFERED := 1
-# honcho's processes (gunicorn, celery) are found in the venv without activating it.
+# supervisord's processes (gunicorn, celery) are found in the venv without activating it.
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help install run test browser-deps lint format migrate createdb collectstatic seed superuser clean distclean
+.PHONY: help install install-dev install-bench install-docs run test bench docs browser-deps lint format migrate createdb collectstatic seed superuser clean distclean
 
 help:
 	@echo "make run        install, migrate, seed demo data, then run web + workers + beat + Flower"
 	@echo "                (PORT=$${PORT:-8000}, FLOWER_PORT=$${FLOWER_PORT:-5555}; Ctrl-C stops everything)"
-	@echo "make test       install, then run the test suite (PYTEST_ARGS=... passes options to pytest)"
+	@echo "make test       install the dev tools, then run the test suite (PYTEST_ARGS=... passes options to pytest)"
+	@echo "make docs       install the docs tools, then build the site into site/ (mkdocs build --strict)"
+	@echo "make bench      the benchmark (bench/): ARGS=\"--orders 200 --spawn --baseline\" passes options to bench_orders"
 	@echo "make browser-deps  apt-get install Debian's chromium + chromium-driver for tests/browser (as root)"
 	@echo "make lint       ruff check + ruff format --check + lint-imports (service boundaries, .importlinter)"
 	@echo "make format     ruff check --fix + ruff format"
 	@echo "make migrate    create the PostgreSQL database(s) if missing, migrate every database alias"
-	@echo "make clean      remove var/ (embedded database, broker folders, static files); keeps .venv"
+	@echo "make install    only install requirements.txt, the runtime (install-dev, install-bench, install-docs: the others)"
+	@echo "make clean      remove var/ (embedded database, broker folders, static files) and site/; keeps .venv"
 	@echo "make distclean  clean, and remove .venv"
 
 # --- the virtualenv ---------------------------------------------------------------
@@ -49,17 +59,40 @@ $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "make: orderflow needs Python 3.11 or newer; $(PYTHON) is %d.%d (pass PYTHON=...)" % sys.version_info[:2])'
 	$(PYTHON) -m venv $(VENV)
 
+# requirements.txt: the runtime (make run, the image). The other sets include it
+# (-r requirements.txt), so installing one of them also satisfies the runtime stamp.
 $(STAMP): requirements.txt | $(PY)
-	@echo "installing requirements.txt into $(VENV) (the first time takes a minute)"
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	@echo "installing requirements.txt (the runtime) into $(VENV)"
+	$(PIP_INSTALL) -r requirements.txt
+	@touch $@
+
+# requirements-dev.txt: the runtime + test, lint and browser tools (make test, make lint).
+$(DEV_STAMP): requirements-dev.txt requirements.txt | $(PY)
+	@echo "installing requirements-dev.txt (runtime, tests, lint) into $(VENV)"
+	$(PIP_INSTALL) -r requirements-dev.txt
+	@touch $@ $(STAMP)
+
+# requirements-bench.txt: the runtime + profiler and plotting (docs/performance.md).
+$(BENCH_STAMP): requirements-bench.txt requirements.txt | $(PY)
+	@echo "installing requirements-bench.txt (runtime, py-spy, matplotlib) into $(VENV)"
+	$(PIP_INSTALL) -r requirements-bench.txt
+	@touch $@ $(STAMP)
+
+# requirements-docs.txt: mkdocs and its theme only.
+$(DOCS_STAMP): requirements-docs.txt | $(PY)
+	@echo "installing requirements-docs.txt (mkdocs) into $(VENV)"
+	$(PIP_INSTALL) -r requirements-docs.txt
 	@touch $@
 
 install: $(STAMP)
+install-dev: $(DEV_STAMP)
+install-bench: $(BENCH_STAMP)
+install-docs: $(DOCS_STAMP)
 
 # --- helpers (Python run with Django set up) -----------------------------------------
 
 # Prints `export KEY=value` for each .env entry the environment does not set,
-# so steps that read the environment themselves (createsuperuser, honcho's
+# so steps that read the environment themselves (createsuperuser, supervisord's
 # processes) see .env the way Django does.
 define DOTENV_PY
 import os, shlex, environ
@@ -161,29 +194,59 @@ superuser: migrate
 
 # --- the two commands -------------------------------------------------------------
 
-# honcho numbers PORT per process (base + 100 each), so web is the Procfile's
-# first line; .env is already merged into the environment, hence -e /dev/null.
+# The Procfile's processes run under supervisord, which restarts any that exits or is
+# killed. `honcho export` writes its configuration from the Procfile (template:
+# scripts/supervisord/supervisord.conf), numbering PORT per process (base + 100 each), so
+# web is the Procfile's first line; .env is already merged into the environment, hence -e /dev/null.
 # Flower always runs behind basic auth: without FLOWER_BASIC_AUTH, a credential is generated
-# once into $ORDERFLOW_VAR_DIR/flower_basic_auth (mode 600) and printed here.
+# once into $ORDERFLOW_VAR_DIR/flower_basic_auth (mode 600) and shown in the ready banner.
 run: migrate collectstatic seed superuser
 	@$(LOAD_DOTENV); \
 	export PORT="$${PORT:-8000}" FLOWER_PORT="$${FLOWER_PORT:-5555}"; \
+	var_dir="$${ORDERFLOW_VAR_DIR:-$(CURDIR)/var}"; \
 	flower_login="FLOWER_BASIC_AUTH"; \
 	if [ -z "$${FLOWER_BASIC_AUTH:-}" ]; then \
-		auth_file="$${ORDERFLOW_VAR_DIR:-$(CURDIR)/var}/flower_basic_auth"; \
+		auth_file="$$var_dir/flower_basic_auth"; \
 		if [ ! -s "$$auth_file" ]; then \
 			mkdir -p "$$(dirname "$$auth_file")"; \
 			(umask 077; $(PY) -c 'import secrets; print("admin:" + secrets.token_urlsafe(16))' > "$$auth_file"); \
 		fi; \
 		export FLOWER_BASIC_AUTH="$$(cat "$$auth_file")"; \
-		flower_login="$$FLOWER_BASIC_AUTH (from $$auth_file)"; \
+		flower_login="$$FLOWER_BASIC_AUTH (kept in $$auth_file)"; \
 	fi; \
-	echo "orderflow: web http://127.0.0.1:$$PORT/ (/admin/, /api/, /api/docs/, /healthz), Flower http://127.0.0.1:$$FLOWER_PORT/ (login $$flower_login) -- Ctrl-C stops everything"; \
-	exec honcho start -f Procfile -e /dev/null -p "$$PORT"
+	run_dir="$$var_dir/run"; mkdir -p "$$run_dir"; \
+	out=$$(honcho export -f Procfile -e /dev/null -p "$$PORT" -a orderflow -l "$$run_dir" \
+		-t scripts/supervisord supervisord "$$run_dir" 2>&1) || { echo "$$out" >&2; exit 1; }; \
+	web="http://127.0.0.1:$$PORT"; \
+	export ORDERFLOW_READY_BANNER="$$(printf '%s\n' \
+		"" \
+		"orderflow is ready -- Ctrl-C stops everything" \
+		"  home        $$web/" \
+		"  admin       $$web/admin/" \
+		"  API         $$web/api/   (docs: $$web/api/docs/)" \
+		"  health      $$web/healthz   $$web/readyz" \
+		"  Flower      http://127.0.0.1:$$FLOWER_PORT/   login $$flower_login" \
+		"  processes   supervisorctl -c $$run_dir/orderflow.conf status" \
+		"")"; \
+	exec $(PY) scripts/supervisord/foreground.py supervisord -n -c "$$run_dir/orderflow.conf"
 
 # var/test keeps the test database and broker folders away from a running `make run`.
-test: install
+test: install-dev
 	ORDERFLOW_VAR_DIR=$(CURDIR)/var/test $(PY) -m pytest $(PYTEST_ARGS)
+
+# The documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link
+# or a page missing from the nav fails the build.
+# NO_MKDOCS_2_WARNING: Material 9.x prints a banner about its end of life (May 2027;
+# docs/development.md says what follows it) on every build.
+docs: install-docs
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+# The benchmark app is installed only here (ORDERFLOW_BENCH=1, project/settings.py). With
+# --spawn it starts its own workers in a database and broker of its own; without, it uses the
+# running workers (make run) and deletes what it made afterwards. `bench_orders --help` lists ARGS.
+ARGS ?= --spawn
+bench: install-bench
+	ORDERFLOW_BENCH=1 $(PY) manage.py bench_orders $(ARGS)
 
 # The browser tests (tests/browser/, skipped without it) drive Debian's Chromium
 # through Playwright, which never downloads a browser of its own.
@@ -198,21 +261,21 @@ browser-deps:
 		echo "browser-deps: until then the browser tests are skipped"; \
 	fi
 
-lint: install
+lint: install-dev
 	@status=0; \
 	$(VENV)/bin/ruff check . || status=1; \
 	$(VENV)/bin/ruff format --check . || status=1; \
 	$(VENV)/bin/lint-imports --no-cache || status=1; \
 	exit $$status
 
-format: install
+format: install-dev
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
 # --- cleaning ---------------------------------------------------------------------
 
 clean:
-	rm -rf var .pytest_cache .ruff_cache
+	rm -rf var site .pytest_cache .ruff_cache
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 distclean: clean

@@ -66,7 +66,7 @@ class ProductStock:
 
 
 def product_stock_levels(*, limit: int | None = None) -> list[ProductStock]:
-    """Units on hand of every product (the first `limit` by id), for the orders' saga dashboard."""
+    """Units on hand of every product (the first `limit` by id), for the saga dashboard (ops)."""
     rows = (
         Product.objects.using(service_db("inventory"))
         .order_by("pk")

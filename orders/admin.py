@@ -11,7 +11,6 @@ import json
 import logging
 import uuid
 from collections.abc import Mapping
-from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -24,13 +23,12 @@ from django.contrib.auth import get_permission_codename, get_user_model
 from django.core.exceptions import PermissionDenied
 from django.http import HttpResponseRedirect
 from django.template.response import TemplateResponse
-from django.urls import NoReverseMatch, path, reverse
-from django.utils import timezone
+from django.urls import NoReverseMatch, reverse
 from django.utils.html import format_html, format_html_join
 from kombu.exceptions import KombuError
 
 from inventory import public as inventory
-from project.admin import ReadOnlyAdmin
+from project.admin import ReadOnlyAdmin, humanized_age
 from project.errors import ApplicationError, Conflict
 from reports import public as reports
 
@@ -39,24 +37,12 @@ from .models import CancelledOrder, Order, OrderLine
 
 logger = logging.getLogger(__name__)
 
-# The index links to the saga dashboard (orders/dashboard.py) that OrderAdmin mounts.
-admin.site.index_template = "admin/orders/site_index.html"
-
 LINES_PREFIX = "lines"
 # Idempotency keys the admin's add form makes; the prefix keeps them apart from API clients' keys.
 FORM_KEY_PREFIX = "admin-form-"
 
 
 # --- small display helpers ---------------------------------------------------------
-
-
-def humanized_age(since: datetime, now: datetime | None = None) -> str:
-    """'45 s', '3 min', '2 h', '4 d': coarse, like a glance at a clock."""
-    seconds = max(0, int(((now or timezone.now()) - since).total_seconds()))
-    for unit, size in (("d", 86_400), ("h", 3_600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds // size} {unit}"
-    return f"{seconds} s"
 
 
 def _product_link(product_id: int) -> str:
@@ -231,17 +217,6 @@ class OrderAdmin(admin.ModelAdmin):
 
     def has_redispatch_permission(self, request) -> bool:
         return self._has_model_perm(request, "change")
-
-    # --- the saga dashboard: /admin/orders/order/dashboard/ ----------------------------------
-
-    def get_urls(self):
-        dashboard = self.admin_site.admin_view(self.dashboard_view)  # staff only, like every admin page
-        return [path("dashboard/", dashboard, name="orders_dashboard"), *super().get_urls()]
-
-    def dashboard_view(self, request):
-        from . import dashboard  # imported here: orders.dashboard imports this module
-
-        return dashboard.dashboard_view(request, model_admin=self)
 
     # --- list and detail ---------------------------------------------------------------
 

@@ -111,18 +111,3 @@ class CancelledOrder(models.Model):
 
     def __str__(self) -> str:
         return f"cancelled order {self.order_id}"
-
-
-class BenchFloorChain(models.Model):
-    """Benchmark apparatus, not part of any service: one row per chain of `bench_orders --baseline`.
-
-    Each of the floor's three trivial tasks (one per service queue, see
-    orders/bench_tasks.py) commits one UPDATE of its chain's row; the last one
-    stamps `done_at`, so the floor's latency is measured like the saga's.
-    """
-
-    steps = models.PositiveSmallIntegerField(default=0)
-    done_at = models.DateTimeField(null=True, blank=True)
-
-    def __str__(self) -> str:
-        return f"floor chain {self.pk}: {self.steps} steps"

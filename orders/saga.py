@@ -1,8 +1,8 @@
-"""The two chains of the order saga, built from task names (DESIGN §1).
+"""The two chains of the order saga, built from task names (docs/design.md §1).
 
 Services never import each other's tasks: a chain names each step
 (``inventory.stock_reserve``…) and `task_routes` puts each on its own service's
-queue as it is published (CELERY_NOTES 9), so no ``queue=`` is passed here.
+queue as it is published (docs/celery.md 9), so no ``queue=`` is passed here.
 """
 
 from celery import chain
@@ -24,8 +24,8 @@ def order_saga(order: Order, lines: list[OrderLine] | None = None) -> Signature:
     The error callback is immutable and its task takes one positional
     argument, so Celery publishes it through the broker to the orders queue
     (durable, retried) instead of calling it inline in the failing worker,
-    where an exception would only be logged (CELERY_NOTES 2). Chains attach
-    it to every step (CELERY_NOTES 1).
+    where an exception would only be logged (docs/celery.md 2). Chains attach
+    it to every step (docs/celery.md 1).
     """
     if lines is None:  # order_create passes the lines it just wrote: no query
         lines = order.lines.all()

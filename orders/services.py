@@ -224,7 +224,7 @@ def order_compensate(*, order_id: int, reason: str = "", force: bool = False, ro
     """Mark the order `cancelling` and publish the compensation chain.
 
     Runs from the saga's error callback (possibly more than once for one
-    failure: CELERY_NOTES 3), from a user's cancel (`force`: a confirmed order
+    failure: docs/celery.md 3), from a user's cancel (`force`: a confirmed order
     is undone too) and from the sweeper. A confirmed order is left alone
     unless forced: its saga finished, whatever a late error callback says.
     Returns whether compensation was published.

@@ -17,7 +17,7 @@ def order_confirm(self, order_id):
 
 
 # One positional parameter only: as an immutable error callback it must be
-# published through the broker, not called inline (CELERY_NOTES 2;
+# published through the broker, not called inline (docs/celery.md 2;
 # celery.backends.base._call_task_errbacks counts the positional parameters).
 @shared_task(bind=True, base=OrdersStep, name="orders.order_compensate")
 def order_compensate(self, order_id, *, reason="", force=False):

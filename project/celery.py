@@ -11,9 +11,9 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 
 app = Celery("orderflow")
 app.config_from_object("django.conf:settings", namespace="CELERY")
+# Every installed app's tasks.py: the services', and bench's floor tasks only where
+# the benchmark is installed (ORDERFLOW_BENCH=1).
 app.autodiscover_tasks()
-# The floor tasks of `manage.py bench_orders --baseline` (orders/bench_tasks.py).
-app.autodiscover_tasks(related_name="bench_tasks")
 
 
 def _recycle_db_connections() -> None:

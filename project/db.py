@@ -1,4 +1,4 @@
-"""Which database alias owns each service's tables (DESIGN §6)."""
+"""Which database alias owns each service's tables (docs/design.md §6)."""
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -35,7 +35,7 @@ class Statement:
 
     For the saga's hottest writes only. The ORM builds and compiles a query on
     every call: 0.2–0.45 ms of CPU for each of these statements on the bench
-    machine, against 0.06 ms to run the same SQL (README "Performance"). The
+    machine, against 0.06 ms to run the same SQL (docs/performance.md). The
     template names the table as ``{table}`` and columns by field name
     (``{stock}``, ``{product_id}``), filled in quoted from the model's metadata;
     every value is a parameter, prepared by the field `params` names for it as

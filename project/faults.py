@@ -1,6 +1,8 @@
 """Fault injection for tests and drills: make a saga step fail, stall or die.
 
-Off unless ORDERFLOW_FAULTS_FILE names a JSON file. The file maps an
+Off unless ORDERFLOW_FAULTS_FILE names a JSON file, and then free: with the
+setting unset `inject` returns after one attribute read, without looking for
+a file (production never sets it; the test workers do). The file maps an
 injection point to a fault, read afresh each time so running workers pick up
 changes::
 
@@ -49,9 +51,10 @@ def _consume(path: str, point: str, order_id: int, times: int | None) -> bool:
 
 
 def inject(point: str, order_id: int) -> None:
+    """Obey the fault set for `point` and this order, if any (see the module's docstring)."""
     path = settings.ORDERFLOW_FAULTS_FILE
     if not path:
-        return
+        return  # production: no file is stat'ed or read
     try:
         faults = json.loads(Path(path).read_text())
     except (OSError, ValueError):

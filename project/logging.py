@@ -73,6 +73,26 @@ class TaskContextFilter(logging.Filter):
         return True
 
 
+#: Tasks that run on a timer whether or not there is work: their routine INFO lines
+#: (beat sending it, the worker receiving it, its success) are dropped. What they
+#: find is logged by the task itself (the sweeper warns when it moved an order on).
+ROUTINE_TASKS = frozenset({"orders.saga_sweep"})
+
+
+class RoutineTaskFilter(logging.Filter):
+    """Drop INFO (and lower) records of Celery's about the periodic tasks in ROUTINE_TASKS."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.INFO:
+            return True
+        if record.name == "celery.beat":
+            return not any(str(arg) in ROUTINE_TASKS for arg in (record.args or ()) if isinstance(arg, str))
+        if record.name in ("celery.worker.strategy", "celery.app.trace"):
+            data = getattr(record, "data", None)
+            return not (isinstance(data, dict) and data.get("name") in ROUTINE_TASKS)
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: timestamp, level, logger, message, then context and extras."""
 

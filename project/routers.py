@@ -1,4 +1,4 @@
-"""Send each service's models to the database that owns them (DESIGN §6)."""
+"""Send each service's models to the database that owns them (docs/design.md §6)."""
 
 from django.conf import settings
 

@@ -1,7 +1,7 @@
 """What every saga step shares: the abort signal and the thin task wrapper.
 
 A step task parses its JSON arguments, calls one service function and maps
-what goes wrong (DESIGN §3):
+what goes wrong (docs/design.md §3):
 
 * `ApplicationError` (insufficient stock, unknown product, bad arguments):
   the service's failure note records why, then the task fails at once, so
@@ -70,7 +70,7 @@ class SagaStep(Task):
     """Base class of saga step tasks: `run_step` does the work."""
 
     # Redelivered after a worker crash; bounded so a step that always kills
-    # its worker ends in compensation instead of looping (CELERY_NOTES 6).
+    # its worker ends in compensation instead of looping (docs/celery.md 6).
     acks_late = True
     reject_on_worker_lost = True
     retry_on_worker_lost = True

@@ -52,7 +52,13 @@ INSTALLED_APPS = [
     "orders",
     "inventory",
     "reports",
+    "ops",
 ]
+# The benchmark (bench/: `manage.py bench_orders`, its table and floor tasks) is a tool, not
+# a service: installed only where a benchmark runs. `make bench` sets ORDERFLOW_BENCH=1, and
+# so do the processes the bench starts and the test suite; `make run`, compose and the image don't.
+if env.bool("ORDERFLOW_BENCH", default=False):
+    INSTALLED_APPS += ["bench"]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
@@ -85,7 +91,7 @@ TEMPLATES = [
 ]
 
 # --- Databases -------------------------------------------------------------
-# One database per service is possible (DESIGN §6): DATABASE_URL_INVENTORY and
+# One database per service is possible (docs/design.md §6): DATABASE_URL_INVENTORY and
 # DATABASE_URL_REPORTS move those services' tables to their own database;
 # unset, every service shares `default`. project.routers does the routing and
 # services name their alias through project.db.
@@ -303,6 +309,9 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = env.int("CELERY_WORKER_PREFETCH_MULTIPLIER",
 # How long a worker waits for a result from a pool process that died before
 # declaring the job lost (and redelivering it).
 CELERY_WORKER_LOST_WAIT = env.float("CELERY_WORKER_LOST_WAIT", default=10.0)
+# /readyz reports a service queue as "stalled" when messages wait and no consumer
+# took one for this long (project/health.py; seconds).
+CONSUMER_STALL_SECONDS = env.float("CONSUMER_STALL_SECONDS", default=60.0)
 # Tasks reuse database connections as requests do (CONN_MAX_AGE): the
 # handlers in project/celery.py close old connections around each task, so
 # Celery's own close-after-every-task is turned off here.
@@ -310,7 +319,7 @@ CELERY_DB_REUSE_MAX = 2**31
 # Task events are for monitors (Flower). Each one is a message, and on RabbitMQ
 # the worker's main loop waits for its publisher confirm like any other: with
 # both on, py-spy saw half of that loop's time there, and `bench_orders` lost
-# a quarter of its floor and 10-20 % of the saga (README "Performance"). Off unless asked
+# a quarter of its floor and 10-20 % of the saga (docs/performance.md). Off unless asked
 # for; Flower switches workers' events on (enable_events) while it runs, and
 # CELERY_TASK_SEND_SENT_EVENT=true adds the "sent" state to what it shows.
 CELERY_WORKER_SEND_TASK_EVENTS = env.bool("CELERY_WORKER_SEND_TASK_EVENTS", default=False)
@@ -335,13 +344,20 @@ if LOG_FORMAT not in ("plain", "json"):
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"task_context": {"()": "project.logging.TaskContextFilter"}},
+    "filters": {
+        "task_context": {"()": "project.logging.TaskContextFilter"},
+        "routine_tasks": {"()": "project.logging.RoutineTaskFilter"},
+    },
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"},
         "json": {"()": "project.logging.JsonFormatter"},
     },
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["task_context"]},
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["task_context", "routine_tasks"],
+        },
     },
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
     "loggers": {

@@ -19,7 +19,7 @@ class SettingRateThrottle(SimpleRateThrottle):
     time the next request is due. DRF's own throttles keep every request
     time of the period instead, a list pickled into and out of the cache on
     each request whose size is the limit itself: 0.5 ms a POST at a thousand
-    requests in the minute, growing with the limit (README "Performance").
+    requests in the minute, growing with the limit (docs/performance.md).
 
     The state lives in the `throttle` cache, which every web process must
     share: Django's default LocMemCache is per process, so each gunicorn

@@ -36,6 +36,7 @@ api = [
 
 urlpatterns = [
     path("", landing, name="landing"),
+    path("admin/", include("ops.urls")),  # the saga dashboard, an admin page of the operations app
     path("admin/", admin.site.urls),
     path("api/", include(api)),
     *without_trailing_slash([path("api/", include(api))]),

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The runs behind the README's "Performance" section: every configuration RUNS times (round-robin),
+# The runs behind docs/performance.md: every configuration RUNS times (round-robin),
 # each run one `bench_orders --spawn --baseline --json` (workers, and gunicorn for --via api,
 # started and stopped by the bench), JSON documents written to $OUT.
 #
-#   scripts/bench_matrix.sh postgres   # DATABASE_URL / CELERY_BROKER_URL must point at PostgreSQL + RabbitMQ
+#   scripts/bench_matrix.sh postgres   # DATABASE_URL / CELERY_BROKER_URL must point at PostgreSQL + RabbitMQ;
+#                                      # the bench uses <db>_bench (created) and the vhost <vhost>_bench (create it:
+#                                      # rabbitmqctl add_vhost ...; set_permissions), see bench/isolation.py
 #   scripts/bench_matrix.sh embedded   # SQLite + filesystem broker under $ORDERFLOW_VAR_DIR
 #
 # ONLY=regex runs only the configurations whose name matches; RUNS=n runs each n times (3).
@@ -41,6 +43,11 @@ else
     config service-rate25 --via service --orders 250 --concurrency 16 --rate 25
     config service-rate50 --via service --orders 500 --concurrency 16 --rate 50
 fi
+
+# bench_orders exists only where the bench app is installed (project/settings.py). --spawn runs
+# each in a database and broker of its own (names derived from the configured ones), emptied at
+# the end of every run, so every configuration starts from the same tables.
+export ORDERFLOW_BENCH=1
 
 # Round-robin: run 1 of every configuration, then run 2 of every one, ... so a
 # stretch of a busier machine spreads over all of them instead of spoiling one.

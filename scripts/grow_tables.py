@@ -3,8 +3,10 @@
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/of_bench_big \\
         .venv/bin/python scripts/grow_tables.py 100000
 
-For the "cost per order stays flat as the tables grow" check (README
-"Performance"): bench_orders before and after, and EXPLAIN of the queries
+For the "cost per order stays flat as the tables grow" check (docs/performance.md):
+bench_orders before and after, on this database (so
+``make bench ARGS="--spawn --in-place ..."``: without --in-place the bench
+runs in a fresh database of its own), and EXPLAIN of the queries
 that scan rather than look up by key. The orders are confirmed, one line
 each of one product, with the reservation, the recorded sale and the
 report totals the audit expects; about 2% are cancelled records instead.

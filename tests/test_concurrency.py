@@ -15,11 +15,11 @@ from urllib.parse import urlparse
 import pytest
 from rest_framework.authtoken.models import Token
 
-from conftest import wait_for
 from inventory.models import Product, StockReservation
-from orders.audit import audit
+from ops.audit import audit
 from orders.models import CancelledOrder, Order, OrderLine
 from reports.models import ProductReport
+from testing import wait_for
 
 pytestmark = [pytest.mark.saga, pytest.mark.timeout(600)]
 

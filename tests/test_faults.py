@@ -1,4 +1,4 @@
-"""Nothing lost, nothing oversold, when things break (DESIGN §3), with real processes.
+"""Nothing lost, nothing oversold, when things break (docs/design.md §3), with real processes.
 
 Workers are killed with SIGKILL mid-step, the broker and the database are
 stopped or cut off while orders flow, a process dies between commit and
@@ -19,12 +19,12 @@ import pytest
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection, connections
 
-from conftest import BASE_DIR, SWEEP_TIMEOUT_SECONDS, wait_for
 from inventory.models import Product
+from ops.audit import audit
 from orders import services as order_services
-from orders.audit import audit
 from orders.models import CancelledOrder, Order
 from reports.models import ProductReport
+from testing import BASE_DIR, SWEEP_TIMEOUT_SECONDS, wait_for
 
 pytestmark = [pytest.mark.saga, pytest.mark.faults, pytest.mark.timeout(300)]
 
@@ -177,7 +177,7 @@ def test_pool_process_killed_mid_step(sweeper, user, make_product, step, moment)
 
 
 def test_step_that_always_kills_its_worker_ends_in_compensation(workers, user, make_product):
-    """retry_on_worker_lost bounds the redeliveries (CELERY_NOTES 6); then the error callback compensates."""
+    """retry_on_worker_lost bounds the redeliveries (docs/celery.md 6); then the error callback compensates."""
     product = make_product(stock=3)
     workers.set_faults({"reports.sale_record": {"action": "exit"}})
 

@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from rest_framework.authtoken.models import Token
 
-from conftest import purge_queues
 from orders import services as orders
+from testing import purge_queues
 
 # Fresh sequences: the ids the coverage phase tries first (1, 2, ...) then name rows that exist.
 pytestmark = [pytest.mark.fuzz, pytest.mark.django_db(transaction=True, reset_sequences=True)]

@@ -21,7 +21,7 @@ from project.errors import error_body
 SCHEMA = "/api/schema/"
 DOCS = "/api/docs/"
 
-# Every operation and the statuses it documents: what each view can answer (DESIGN §5, README "REST API").
+# Every operation and the statuses it documents: what each view can answer (docs/design.md §5, docs/api.md).
 OPERATIONS = {
     ("get", "/api/orders/"): {"200", "400", "401", "404"},
     ("post", "/api/orders/"): {"202", "400", "401", "403", "409", "410", "413", "415", "429"},

@@ -1,7 +1,7 @@
-"""One worker pool per queue (DESIGN §4): every task reaches its own service's workers, and only theirs.
+"""One worker pool per queue (docs/design.md §4): every task reaches its own service's workers, and only theirs.
 
 The static tests read the Celery app as every process builds it; the
-`saga`-marked ones run against the real workers of conftest.py — exactly
+`saga`-marked ones run against the real workers of testing/plugin.py — exactly
 one `celery worker` per service queue, each consuming only its queue — so a
 task that is missing a route, or registered under the wrong service, fails
 here instead of being run by whichever worker happened to share a queue.
@@ -14,8 +14,8 @@ import uuid
 import pytest
 from django.conf import settings
 
-from conftest import wait_for
 from project.celery import app
+from testing import wait_for
 
 SERVICES = tuple(settings.SERVICE_QUEUES)
 
@@ -67,7 +67,7 @@ def test_the_saga_names_only_registered_tasks(registered, user):
 
 
 def test_celerys_own_tasks_go_to_a_consumed_queue():
-    """CELERY_NOTES 14: the default queue is one of the three, or Celery's tasks would wait forever."""
+    """docs/celery.md 14: the default queue is one of the three, or Celery's tasks would wait forever."""
     assert settings.CELERY_TASK_DEFAULT_QUEUE in SERVICES
     assert queue_of("celery.chord_unlock") in SERVICES
 

@@ -16,15 +16,15 @@ from decimal import Decimal
 import pytest
 from django.db import close_old_connections, connections, transaction
 
-from conftest import wait_for
 from inventory import services as inventory_services
 from inventory.models import OrderReservation, Product, StockReservation
+from ops.audit import audit
 from orders import services as order_services
-from orders.audit import audit
 from orders.models import CancelledOrder, Order, OrderLine
 from orders.saga import compensation_saga, order_saga
 from project.celery import app
 from reports.models import ProductReport, ReportedOrder
+from testing import wait_for
 
 pytestmark = [pytest.mark.saga, pytest.mark.timeout(180)]
 

@@ -1,4 +1,4 @@
-"""The split-database shape (DESIGN §6): each service's tables live in its own database.
+"""The split-database shape (docs/design.md §6): each service's tables live in its own database.
 
 The router tests run in every shape (they only read settings). The rest run
 when DATABASE_URL_INVENTORY / DATABASE_URL_REPORTS are set, as in CI's split
@@ -10,9 +10,9 @@ from django.apps import apps
 from django.db import connections
 from django.test import override_settings
 
-from conftest import wait_for
 from project.db import service_db
 from project.routers import ServiceRouter
+from testing import wait_for
 
 SPLIT = {"orders": "default", "inventory": "inventory", "reports": "reports"}
 OWN_TABLES = {
@@ -113,8 +113,8 @@ def count(alias: str, sql: str, *params) -> int:
 @split_only
 @pytest.mark.saga
 def test_a_saga_writes_each_services_rows_in_its_own_database(workers, user, make_product):
+    from ops.audit import audit
     from orders import services as order_services
-    from orders.audit import audit
 
     product = make_product(stock=3)
     order_id = order_services.order_create(user=user, lines=[{"product": product.pk, "quantity": 2}]).order.pk

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Run once by the postgres image on an empty data volume, after it has created
-# POSTGRES_DB: creates the other services' databases of the split shape (DESIGN §6),
+# POSTGRES_DB: creates the other services' databases of the split shape (docs/design.md §6),
 # <POSTGRES_DB>_inventory and <POSTGRES_DB>_reports, which docker-compose.yml's
 # DATABASE_URL_INVENTORY / DATABASE_URL_REPORTS name. ORDERFLOW_EXTRA_DATABASES
 # (space-separated) replaces that list.

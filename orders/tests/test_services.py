@@ -678,7 +678,7 @@ def test_order_saga_is_a_chain_of_immutable_steps_with_json_arguments(user, make
         assert json.loads(json.dumps(step.kwargs)) == step.kwargs
     # the whole canvas goes through the broker's serializer unchanged
     assert kombu_loads(kombu_dumps(saga)) == json.loads(json.dumps(saga))
-    # no queue is forced on the chain: task_routes routes each step (CELERY_NOTES 9)
+    # no queue is forced on the chain: task_routes routes each step (docs/celery.md 9)
     assert "queue" not in saga.options
 
 
@@ -693,7 +693,7 @@ def test_order_saga_error_callback_is_an_immutable_compensate_on_every_step(user
     assert errback.immutable
     assert errback.args == ()
     assert errback.kwargs == {"order_id": order.pk}
-    # Celery attaches the chain's error callback to each step it publishes (CELERY_NOTES 1)
+    # Celery attaches the chain's error callback to each step it publishes (docs/celery.md 1)
     for step in saga.unchain_tasks():
         assert [celery_app.signature(e).task for e in step.options["link_error"]] == ["orders.order_compensate"]
 

@@ -1,8 +1,14 @@
 """`/healthz` (liveness: the process answers) and `/readyz` (every database and the broker answer)."""
 
+import os
+import re
+import subprocess
+import sys
+import time
 from unittest import mock
 
 import pytest
+from django.conf import settings
 from django.db import connections
 from kombu.exceptions import OperationalError as BrokerOperationalError
 
@@ -51,7 +57,12 @@ def test_ready_on_the_configured_databases_and_broker(client):
     response = client.get(READYZ)
 
     assert response.status_code == 200, response.content
-    assert response.json() == {"status": "ok", "checks": {**all_databases_ok(), "broker": "ok"}}
+    body = response.json()
+    queues = body.pop("queues")
+    assert body == {"status": "ok", "checks": {**all_databases_ok(), "broker": "ok"}}
+    # Reported, not judged here: earlier tests may have left messages behind.
+    assert set(queues) == set(settings.SERVICE_QUEUES)
+    assert all(state in ("ok", "idle") or state.startswith("stalled: ") for state in queues.values()), queues
     assert "no-cache" in response["Cache-Control"] or "max-age=0" in response["Cache-Control"]
 
 
@@ -138,3 +149,83 @@ def test_probes_answer_over_plain_http_with_the_ssl_redirect_on(client, settings
 
     assert client.get(path).status_code == 200
     assert client.get("/api/products/").status_code == 301  # everything else is redirected
+
+
+# --- /readyz: the service queues' consumers ---------------------------------------------
+
+EMBEDDED = settings.CELERY_BROKER_URL.startswith("filesystem")
+
+
+def _publish_to(queue: str) -> None:
+    celery_app.send_task(f"{queue}.readyz_probe", args=[1], queue=queue, routing_key=queue)
+
+
+@pytest.fixture
+def quiet_queues(no_workers):
+    """No worker consumes: what a test publishes waits in its queue (purged after, by no_workers)."""
+    from testing import purge_queues
+
+    purge_queues()
+
+
+def test_an_empty_queue_is_idle(client, quiet_queues):
+    assert client.get(READYZ).json()["queues"] == {queue: "idle" for queue in settings.SERVICE_QUEUES}
+
+
+def test_messages_waiting_with_no_consumer_are_a_stalled_queue_that_leaves_the_web_ready(client, quiet_queues):
+    _publish_to("inventory")
+
+    response = client.get(READYZ)
+
+    assert response.status_code == 200  # a worker problem: the web still takes orders
+    assert response.json()["queues"]["inventory"] == "stalled: 1 waiting, no consumer"
+    assert response.json()["queues"]["orders"] == "idle"
+
+
+# A consumer of the configured broker that takes one message of a queue, then holds it and takes no more.
+HOLD_ONE = """
+import sys, time
+import django
+django.setup()
+from django.conf import settings
+from kombu import Consumer
+from project.celery import app
+queue = next(q for q in settings.CELERY_TASK_QUEUES if q.name == sys.argv[1])
+with app.connection_for_read() as connection:
+    got = []
+    Consumer(connection.channel(), [queue], callbacks=[lambda body, message: got.append(message)]).consume()
+    while not got:
+        try:
+            connection.drain_events(timeout=0.1)
+        except TimeoutError:
+            pass
+    print("holding", flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not EMBEDDED, reason="the embedded broker tells when a consumer last took a message")
+def test_a_live_consumer_that_took_nothing_for_a_while_is_stalled(client, quiet_queues, settings):
+    """The wedge of issue 19 as /readyz sees it: a live worker, messages waiting, nothing taken."""
+    _publish_to("reports")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_ONE, "reports"],
+        cwd=settings.BASE_DIR,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "project.settings"},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        _publish_to("reports")  # a second message, which the live consumer never takes
+        settings.CONSUMER_STALL_SECONDS = 0.5
+        time.sleep(1)
+
+        state = client.get(READYZ).json()["queues"]["reports"]
+
+        assert re.fullmatch(r"stalled: \d+ waiting, none taken for \d+ s by 1 consumer\(s\)", state), state
+        settings.CONSUMER_STALL_SECONDS = 60
+        assert client.get(READYZ).json()["queues"]["reports"] == "ok"
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)

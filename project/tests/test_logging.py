@@ -15,10 +15,10 @@ import uuid
 import pytest
 from kombu import Queue
 
-from conftest import BASE_DIR, Workers, wait_for
 from project.celery import app
-from project.logging import JsonFormatter, TaskContextFilter
+from project.logging import JsonFormatter, RoutineTaskFilter, TaskContextFilter
 from project.saga import SagaStep
+from testing import BASE_DIR, Workers, wait_for
 
 REQUIRED = {"timestamp", "level", "logger", "message"}
 
@@ -216,3 +216,57 @@ def test_the_workers_own_task_records_carry_the_task_outside_it():
     [entry] = lines(stream)
     assert entry["task_id"] == "abc"
     assert entry["task_name"] == "inventory.stock_reserve"
+
+
+# --- the routine sweep stays quiet at INFO -------------------------------------------------
+
+
+def _record(name: str, level: int, msg: str, args=(), **extra) -> logging.LogRecord:
+    record = logging.LogRecord(name, level, __file__, 1, msg, args, None)
+    for key, value in extra.items():
+        setattr(record, key, value)
+    return record
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        _record(
+            "celery.beat",
+            logging.INFO,
+            "Scheduler: Sending due task %s (%s)",
+            ("orders.saga_sweep", "orders.saga_sweep"),
+        ),
+        _record(
+            "celery.worker.strategy",
+            logging.INFO,
+            "Task %(name)s[%(id)s] received",
+            data={"name": "orders.saga_sweep", "id": "x"},
+        ),
+        _record(
+            "celery.app.trace",
+            logging.INFO,
+            "Task %(name)s[%(id)s] succeeded",
+            data={"name": "orders.saga_sweep", "id": "x"},
+        ),
+    ],
+    ids=["beat-sends", "worker-receives", "task-succeeds"],
+)
+def test_the_routine_sweep_is_silent_at_info(record):
+    assert RoutineTaskFilter().filter(record) is False
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        _record(
+            "celery.worker.strategy", logging.INFO, "Task received", data={"name": "inventory.stock_reserve", "id": "x"}
+        ),
+        _record("celery.app.trace", logging.ERROR, "Task failed", data={"name": "orders.saga_sweep", "id": "x"}),
+        _record("orders.services", logging.WARNING, "saga sweep: %s", ({"redispatched": 1},)),
+        _record("celery.beat", logging.INFO, "beat: Starting..."),
+    ],
+    ids=["other-task", "sweep-error", "sweep-found-something", "beat-start"],
+)
+def test_everything_else_is_kept(record):
+    assert RoutineTaskFilter().filter(record) is True

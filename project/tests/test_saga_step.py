@@ -1,6 +1,6 @@
 """The parts of project.saga and project.faults that need no worker.
 
-Eager mode does not behave like a worker for a saga (CELERY_NOTES 10), so
+Eager mode does not behave like a worker for a saga (docs/celery.md 10), so
 the step tasks themselves are exercised with real workers in
 tests/test_saga.py; here are the pure parts, and `run_step`'s mapping of
 errors called directly on a registered task with a pushed request context.
@@ -235,6 +235,20 @@ def fault_file(settings, tmp_path):
 def test_no_faults_file_means_no_faults(settings):
     settings.ORDERFLOW_FAULTS_FILE = None
     faults.inject("reports.sale_record", 1)
+
+
+def test_without_a_faults_file_injection_touches_no_file(settings, monkeypatch):
+    settings.ORDERFLOW_FAULTS_FILE = None
+
+    def no_file_access(*args, **kwargs):
+        raise AssertionError("fault injection looked at a file while switched off")
+
+    for name in ("read_text", "stat", "exists", "open"):
+        monkeypatch.setattr(Path, name, no_file_access)
+    monkeypatch.setattr(os, "open", no_file_access)
+    monkeypatch.setattr(os, "stat", no_file_access)
+    faults.inject("reports.sale_record", 1)
+    faults.inject("reports.sale_record:after", 1)
 
 
 def test_a_missing_or_broken_faults_file_is_ignored(fault_file, settings, tmp_path):

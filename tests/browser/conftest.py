@@ -3,7 +3,7 @@
 Playwright launches the machine's /usr/bin/chromium (Debian's `chromium` package, `make
 browser-deps`) and never downloads a browser. Without it, or without the playwright package,
 every `@pytest.mark.browser` test is skipped with the reason. With SCREENSHOTS=1 the tests save
-the pictures README.md shows into docs/img/; otherwise they write nothing there, so test runs
+the pictures docs/tour.md shows into docs/img/; otherwise they write nothing there, so test runs
 never rewrite committed files.
 """
 
@@ -22,8 +22,8 @@ import pytest
 from django.conf import settings
 from kombu import Exchange, Queue
 
-from conftest import BASE_DIR, Workers, terminate, wait_for
 from project.celery import app as celery_app
+from testing import BASE_DIR, Workers, terminate, wait_for
 
 try:
     from playwright.sync_api import Browser, Page, expect, sync_playwright

@@ -1,9 +1,10 @@
-"""The README's Tour in a real browser: staff place orders in the admin and watch the saga settle them.
+"""The tour (docs/tour.md) in a real browser: staff place orders in the admin and watch the saga settle them.
 
 Headless Chromium (Playwright) against pytest-django's live server, with one real Celery worker
-per service queue (conftest's `workers`), so every saga really runs, and Flower watching them.
+per service queue (the `workers` fixture of testing/plugin.py), so every saga really runs, and Flower
+watching them.
 Waiting is done as a person would: reload the page until it shows the outcome, for a bounded time.
-With SCREENSHOTS=1 the pictures of README's Tour are saved into docs/img/.
+With SCREENSHOTS=1 the pictures of the tour (docs/tour.md) are saved into docs/img/.
 """
 
 import re
@@ -114,7 +115,7 @@ def test_tour_orders_confirm_compensate_and_cancel(page, flower_page, workers, s
     # --- the dashboard, from the index's link -----------------------------------------------
     page.goto("/admin/")
     page.locator("#saga-dashboard-module").get_by_role("link", name="Saga dashboard").click()
-    expect(page).to_have_url(re.compile(r"/admin/orders/order/dashboard/$"))
+    expect(page).to_have_url(re.compile(r"/admin/dashboard/$"))
     expect(page.locator("#status-confirmed .count")).to_have_text("1")
     expect(page.locator("#status-pending .count")).to_have_text("0")
     expect(page.locator("#status-cancelled .count")).to_have_text("1")

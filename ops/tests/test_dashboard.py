@@ -1,4 +1,4 @@
-"""The saga dashboard (orders/dashboard.py): who may see it, and that its numbers are right.
+"""The saga dashboard (ops/dashboard.py, ops/views.py): who may see it, and that its numbers are right.
 
 Rendered with Django's test client on a small data set written at known times;
 no workers run (inventory and reports are filled through their services directly).
@@ -12,7 +12,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from inventory import services as inventory_services
-from orders import dashboard
+from ops import dashboard
 from orders.models import CancelledOrder, Order
 from reports import services as reports_services
 
@@ -22,7 +22,7 @@ PENDING, CONFIRMED, CANCELLING = Order.Status.PENDING, Order.Status.CONFIRMED, O
 
 
 def url() -> str:
-    return reverse("admin:orders_dashboard")
+    return reverse("ops:dashboard")
 
 
 @pytest.fixture
@@ -119,7 +119,7 @@ def test_staff_who_may_view_orders_get_the_page(client, staff_user):
     response = client.get(url())
 
     assert response.status_code == 200
-    assert "admin/orders/dashboard.html" in [t.name for t in response.templates]
+    assert "admin/ops/dashboard.html" in [t.name for t in response.templates]
     assert '<meta http-equiv="refresh" content="10">' in response.content.decode()
 
 
@@ -129,6 +129,15 @@ def test_the_index_and_the_order_list_link_to_it(admin_client, client, staff_use
 
     client.force_login(staff_user)  # no permission on orders: no link
     assert f'href="{url()}"' not in client.get(reverse("admin:index")).content.decode()
+
+
+def test_it_is_an_admin_page_of_its_own_and_its_old_address_leads_to_it(admin_client):
+    assert url() == "/admin/dashboard/"
+
+    response = admin_client.get("/admin/orders/order/dashboard/?refresh=0")
+
+    assert response.status_code == 302
+    assert response.url == f"{url()}?refresh=0"
 
 
 # --- the numbers ----------------------------------------------------------------------------

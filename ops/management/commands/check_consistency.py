@@ -1,4 +1,4 @@
-"""Check DESIGN §2's invariants on live data; exit 1 on any violation."""
+"""Check docs/design.md §2's invariants on live data; exit 1 on any violation."""
 
 import json
 import sys
@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from django.core.management.base import BaseCommand
 
-from orders.audit import audit
+from ops.audit import audit
 
 
 class Command(BaseCommand):

@@ -1,20 +1,19 @@
-"""`manage.py bench_orders`: load through the real pipeline, measured against the floor.
+"""One benchmark run: load through the real pipeline, measured against the floor.
 
 Orders go through the real thing: `orders.services.order_create` (``--via
 service``) or ``POST /api/orders/`` on a real web server (``--via api``), the
-configured broker, real `celery worker` processes and the configured
-database. The bench creates its own products, with stock sized so that
-``--fail-ratio`` of the orders are refused and compensated (evenly through
-the run, or with ``--refusals last`` all at its end), places the orders
-from ``--concurrency`` client threads (optionally paced at ``--rate`` orders
-per second), waits until every order is terminal (confirmed, or deleted with a
+broker, real `celery worker` processes and the database. The bench creates
+its own products, with stock sized so that ``--fail-ratio`` of the orders are
+refused and compensated (bench/workload.py), places the orders from
+``--concurrency`` client threads (optionally paced at ``--rate`` orders per
+second), waits until every order is terminal (confirmed, or deleted with a
 CancelledOrder) and reports throughput, latency percentiles and the
-consistency audit.
+consistency audit. Where it runs and what it leaves: bench/isolation.py.
 
 ``--baseline`` also runs the floor in the same run, with the same clients,
 broker, database and workers: a chain of three trivial tasks, one per service
-queue, each committing one UPDATE of one row (orders/bench_tasks.py). The
-saga's throughput divided by the floor's is the ratio the README reports.
+queue, each committing one UPDATE of one row (bench/tasks.py). The saga's
+throughput divided by the floor's is the ratio the performance doc reports.
 
 Timestamps: commit→confirmed is ``Order.created_at`` → ``confirmed_at``,
 commit→cancelled is ``created_at`` → ``CancelledOrder.cancelled_at``, both
@@ -24,23 +23,18 @@ run from the first order sent to the last terminal timestamp.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
-import logging
 import math
 import os
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
-from decimal import Decimal
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -50,23 +44,18 @@ from django.contrib.auth import get_user_model
 from django.db import close_old_connections, connections
 from django.utils import timezone
 
-from inventory import services as inventory_services
+from ops.audit import audit
+from orders import services
+from orders.models import CancelledOrder, Order
 from project.celery import app
-from project.db import service_db
+from testing.workers import SupervisionFailed, Workers
 
-from . import services
-from .audit import audit
-from .models import BenchFloorChain, CancelledOrder, Order
+from . import isolation
+from .isolation import BenchFailed
+from .models import BenchFloorChain
+from .workload import product_create, workload
 
-logger = logging.getLogger(__name__)
-
-BASE_DIR = Path(settings.BASE_DIR)
-BENCH_USERNAME = "bench"
-CHUNK = 2000  # ids per IN (...) query
-
-
-class BenchFailed(Exception):
-    """The run could not finish (a client error, a timeout, a process that would not start)."""
+CHUNK = isolation.CHUNK
 
 
 @dataclass
@@ -84,6 +73,7 @@ class BenchOptions:
     url: str | None = None
     idempotency_keys: bool = False
     spawn: bool = False
+    keep: bool = False
     worker_pool: str = "prefork"
     worker_concurrency: int = 2
     worker_optimization: str = "fair"
@@ -93,11 +83,12 @@ class BenchOptions:
     web_threads: int = 4
     web_access_log: bool = True
     log: Callable[[str], None] = field(default=lambda message: None, repr=False)
+    # Writes text to a terminal, for the live progress line; None draws nothing.
+    progress: Callable[[str], None] | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict:
-        data = asdict(self)
-        data.pop("log")
-        return data
+        """The options as the report records them (not the callables)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("log", "progress")}
 
 
 # --- figures -----------------------------------------------------------------
@@ -133,126 +124,141 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-class Spawned:
-    """One celery worker per service queue, and gunicorn for --via api; stopped by `stop()`."""
-
-    def __init__(self, options: BenchOptions, run_id: str) -> None:
-        self.options = options
-        self.run_id = run_id
-        self.directory = Path(settings.VAR_DIR) / "bench-logs" / run_id
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.processes: dict[str, subprocess.Popen] = {}
-        self.url: str | None = None
-
-    def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env["CELERY_WORKER_PREFETCH_MULTIPLIER"] = str(self.options.prefetch_multiplier)
-        env.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
-        env["PYTHONUNBUFFERED"] = "1"
+def spawn(options: BenchOptions, run_id: str) -> tuple[Workers, str | None]:
+    """One worker per service queue, and gunicorn for --via api (testing.workers supervises them); and its URL."""
+    env = {
+        "ORDERFLOW_BENCH": "1",
+        "CELERY_WORKER_PREFETCH_MULTIPLIER": str(options.prefetch_multiplier),
         # One bench user places every order: the per-user limit of POST /api/orders/
         # is raised out of reach, and still runs (its cache round trips are measured).
-        env["ORDER_CREATE_THROTTLE"] = "1000000/min"
-        return env
-
-    def _popen(self, name: str, argv: list[str]) -> None:
-        log = open(self.directory / f"{name}.log", "ab")  # noqa: SIM115 (the child keeps its own copy)
-        self.processes[name] = subprocess.Popen(  # noqa: S603 (our own interpreter and fixed arguments)
-            argv, cwd=BASE_DIR, env=self._env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
-
-    def worker_names(self) -> list[str]:
-        return [f"{queue}-bench-{self.run_id}@{socket.gethostname()}" for queue in settings.SERVICE_QUEUES]
-
-    def start(self) -> None:
-        o = self.options
-        for queue, name in zip(settings.SERVICE_QUEUES, self.worker_names(), strict=True):
-            argv = [
-                sys.executable, "-m", "celery", "-A", "project", "worker", "-Q", queue, "-n", name,
-                "-P", o.worker_pool, "-c", str(o.worker_concurrency), "-l", o.worker_loglevel,
-                "--without-gossip", "--without-mingle",
-            ]  # fmt: skip
-            if o.worker_optimization == "fair":
-                argv += ["-O", "fair"]
-            self._popen(f"worker-{queue}", argv)
-        if o.via == "api":
+        "ORDER_CREATE_THROTTLE": "1000000/min",
+    }
+    workers = Workers(
+        Path(settings.VAR_DIR) / "bench-logs" / run_id, env=env, node=f"{{queue}}-bench-{run_id}@%h", faults=False
+    )
+    url = None
+    try:
+        for queue in settings.SERVICE_QUEUES:
+            workers.start(
+                queue,
+                options.worker_concurrency,
+                pool=options.worker_pool,
+                loglevel=options.worker_loglevel,
+                options=["-O", "fair"] if options.worker_optimization == "fair" else [],
+            )
+        if options.via == "api":
             port = _free_port()
             argv = [
                 sys.executable, "-m", "gunicorn", "project.wsgi", "--bind", f"127.0.0.1:{port}",
-                "--workers", str(o.web_workers), "--threads", str(o.web_threads),
+                "--workers", str(options.web_workers), "--threads", str(options.web_threads),
                 "--error-logfile", "-", "--no-control-socket",
             ]  # fmt: skip
-            if o.web_access_log:
+            if options.web_access_log:
                 argv += ["--access-logfile", "-"]
-            self._popen("web", argv)
-            self.url = f"http://127.0.0.1:{port}"
-        self.wait_ready()
+            workers.start_process("web", argv)
+            url = f"http://127.0.0.1:{port}"
+        for queue in settings.SERVICE_QUEUES:
+            workers.wait_ready(queue)
+        if url:
+            _wait_web(workers, url)
+    except SupervisionFailed as exc:
+        workers.stop_all(warm=True)
+        raise BenchFailed(f"{exc} (logs in {workers.directory})") from exc
+    return workers, url
 
-    def _check_alive(self) -> None:
-        for name, process in self.processes.items():
-            if process.poll() is not None:
-                tail = (self.directory / f"{name}.log").read_text(errors="replace")[-2000:]
-                raise BenchFailed(f"{name} exited with {process.returncode}:\n{tail}")
 
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        waiting = set(self.worker_names())
-        while waiting:
-            self._check_alive()
-            if time.monotonic() > deadline:
-                raise BenchFailed(f"workers not ready after {timeout}s: {sorted(waiting)} (logs in {self.directory})")
-            for reply in app.control.ping(destination=sorted(waiting), timeout=0.5) or []:
-                waiting -= set(reply)
-        while self.url:
-            self._check_alive()
-            if time.monotonic() > deadline:
-                raise BenchFailed(f"web server not ready after {timeout}s (log in {self.directory})")
+def _wait_web(workers: Workers, url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    parts = urlsplit(url)
+    while True:
+        workers.check_alive()
+        try:
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=2)
+            conn.request("GET", "/healthz")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise SupervisionFailed(f"web server not ready after {timeout}s")
+        time.sleep(0.2)
+
+
+def cpu_seconds(workers: Workers) -> dict[str, float]:
+    """CPU time (user + system) used so far by each started process with its children (Linux /proc)."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
             try:
-                parts = urlsplit(self.url)
-                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=2)
-                conn.request("GET", "/healthz")
-                if conn.getresponse().status == 200:
-                    break
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
-                pass
-            time.sleep(0.2)
+                continue
+            stats[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    ticks = os.sysconf("SC_CLK_TCK")
+    used = {}
+    for name, process in workers.processes.items():
+        tree, grew = {process.pid}, True
+        while grew:
+            children = {pid for pid, (ppid, _) in stats.items() if ppid in tree} - tree
+            grew = bool(children)
+            tree |= children
+        used[workers.logs[name]] = sum(stats[pid][1] for pid in tree if pid in stats) / ticks
+    return used
 
-    def cpu_seconds(self) -> dict[str, float]:
-        """CPU time (user + system) used so far by each started process with its children (Linux /proc)."""
-        stats = {}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                stats[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
-        ticks = os.sysconf("SC_CLK_TCK")
-        used = {}
-        for name, process in self.processes.items():
-            tree, grew = {process.pid}, True
-            while grew:
-                children = {pid for pid, (ppid, _) in stats.items() if ppid in tree} - tree
-                grew = bool(children)
-                tree |= children
-            used[name] = sum(stats[pid][1] for pid in tree if pid in stats) / ticks
-        return used
 
-    def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                # The main process only: a warm shutdown stops its own pool (a
-                # pool process signalled too counts as lost, and costs worker_lost_wait).
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)  # anything of its group left behind
-        self.processes.clear()
+# --- the live progress line -------------------------------------------------------------
+
+
+class Progress:
+    """`placed 120/500, terminal 96/500, 48.0/s` redrawn twice a second on a terminal; nothing elsewhere.
+
+    `terminal(ids)` counts how many of the ids placed so far have ended; it
+    runs in the drawing thread (with its own database connection), only
+    when there is a terminal to draw on.
+    """
+
+    def __init__(
+        self, draw: Callable[[str], None] | None, label: str, total: int, terminal: Callable[[list[int]], int]
+    ) -> None:
+        self.draw, self.label, self.total, self.count_terminal = draw, label, total, terminal
+        self.placed: list[int] = []
+        self.started = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._draw_until_stopped, name="bench-progress", daemon=True)
+
+    def sent(self, ident: int | None) -> None:
+        if ident is not None:
+            self.placed.append(ident)  # list.append is atomic
+
+    def line(self, terminal: int) -> str:
+        elapsed = time.monotonic() - self.started
+        rate = terminal / elapsed if elapsed > 0 else 0.0
+        return (
+            f"{self.label}: placed {len(self.placed)}/{self.total}, terminal {terminal}/{self.total}, "
+            f"{rate:.1f}/s ({elapsed:.0f} s)"
+        )
+
+    def _redraw(self) -> None:
+        self.draw("\r" + self.line(self.count_terminal(list(self.placed))) + "\033[K")
+
+    def _draw_until_stopped(self) -> None:
+        try:
+            while not self._stop.wait(0.5):
+                self._redraw()
+            self._redraw()
+            self.draw("\n")
+        finally:
+            connections.close_all()  # this thread's connections
+
+    def __enter__(self) -> Progress:
+        if self.draw is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
 
 
 # --- clients -----------------------------------------------------------------------
@@ -268,7 +274,13 @@ class Sent:
     error: str | None = None
 
 
-def drive(n: int, concurrency: int, rate: float | None, make_client: Callable[[], Callable[[int], int]]) -> list[Sent]:
+def drive(
+    n: int,
+    concurrency: int,
+    rate: float | None,
+    make_client: Callable[[], Callable[[int], int]],
+    on_sent: Callable[[int | None], None] = lambda ident: None,
+) -> list[Sent]:
     """Call a client `n` times from `concurrency` threads; at most `rate` calls/s when given.
 
     Call i is due at start + i/rate (an open schedule): a client that falls
@@ -301,6 +313,7 @@ def drive(n: int, concurrency: int, rate: float | None, make_client: Callable[[]
                     ident, error = None, f"{type(exc).__name__}: {exc}"
                 ended = time.perf_counter()
                 results[i] = Sent(wall_start + (began - start), ended - began, ident, error)
+                on_sent(ident)
         finally:
             connections.close_all()
 
@@ -367,18 +380,25 @@ def _chunks(ids: list[int]) -> Iterable[list[int]]:
         yield ids[k : k + CHUNK]
 
 
+def terminal_orders(ids: list[int]) -> set[int]:
+    """Those of the orders that are confirmed or cancelled (deleted with their CancelledOrder)."""
+    done = set()
+    for chunk in _chunks(ids):
+        done.update(Order.objects.filter(pk__in=chunk, status=Order.Status.CONFIRMED).values_list("pk", flat=True))
+        done.update(CancelledOrder.objects.filter(pk__in=chunk).values_list("pk", flat=True))
+    return done
+
+
+def done_chains(ids: list[int]) -> int:
+    return sum(BenchFloorChain.objects.filter(pk__in=chunk, done_at__isnull=False).count() for chunk in _chunks(ids))
+
+
 def wait_orders(ids: list[int], timeout: float) -> None:
     """Until every order is confirmed or cancelled (deleted with its CancelledOrder)."""
-    db = service_db("orders")
     open_ids = list(ids)
     deadline = time.monotonic() + timeout
     while open_ids:
-        done = set()
-        for chunk in _chunks(open_ids):
-            done.update(
-                Order.objects.using(db).filter(pk__in=chunk, status=Order.Status.CONFIRMED).values_list("pk", flat=True)
-            )
-            done.update(CancelledOrder.objects.using(db).filter(pk__in=chunk).values_list("pk", flat=True))
+        done = terminal_orders(open_ids)
         open_ids = [i for i in open_ids if i not in done]
         if not open_ids:
             return
@@ -390,13 +410,9 @@ def wait_orders(ids: list[int], timeout: float) -> None:
 
 
 def wait_chains(ids: list[int], timeout: float) -> None:
-    db = service_db("orders")
     deadline = time.monotonic() + timeout
     while True:
-        done = sum(
-            BenchFloorChain.objects.using(db).filter(pk__in=chunk, done_at__isnull=False).count()
-            for chunk in _chunks(ids)
-        )
+        done = done_chains(ids)
         if done == len(ids):
             return
         if time.monotonic() > deadline:
@@ -421,14 +437,11 @@ def _client_figures(sent: list[Sent]) -> dict:
     }
 
 
-def run_floor(options: BenchOptions, n: int, timeout: float) -> dict:
-    db = service_db("orders")
-    rows = BenchFloorChain.objects.using(db).bulk_create([BenchFloorChain() for _ in range(n)])
+def run_floor(options: BenchOptions, n: int, timeout: float, progress: Callable[[str], None] | None = None) -> dict:
+    rows = BenchFloorChain.objects.bulk_create([BenchFloorChain() for _ in range(n)])
     ids = [row.pk for row in rows]
     if any(i is None for i in ids):  # a backend that does not return ids from bulk inserts
-        ids = list(
-            BenchFloorChain.objects.using(db).filter(done_at=None).order_by("-pk").values_list("pk", flat=True)[:n]
-        )
+        ids = list(BenchFloorChain.objects.filter(done_at=None).order_by("-pk").values_list("pk", flat=True)[:n])
     ids.sort()
 
     def make():
@@ -443,13 +456,16 @@ def run_floor(options: BenchOptions, n: int, timeout: float) -> dict:
 
         return send
 
-    sent = drive(n, options.concurrency, options.rate, make)
-    figures = _client_figures(sent)
-    wait_chains(ids, timeout)
-    started = {s.ident: s.started for s in sent}
-    done = dict(BenchFloorChain.objects.using(db).filter(pk__in=ids).values_list("pk", "done_at"))
-    for chunk in _chunks(ids):
-        BenchFloorChain.objects.using(db).filter(pk__in=chunk).delete()
+    try:
+        with Progress(progress, "floor", n, done_chains) as shown:
+            sent = drive(n, options.concurrency, options.rate, make, shown.sent)
+            figures = _client_figures(sent)
+            wait_chains(ids, timeout)
+        started = {s.ident: s.started for s in sent}
+        done = dict(BenchFloorChain.objects.filter(pk__in=ids).values_list("pk", "done_at"))
+    finally:
+        for chunk in _chunks(ids):
+            BenchFloorChain.objects.filter(pk__in=chunk).delete()
     last = max(_epoch(value) for value in done.values())
     seconds = last - figures["first_sent"]
     return {
@@ -464,72 +480,34 @@ def run_floor(options: BenchOptions, n: int, timeout: float) -> dict:
     }
 
 
-def refused_orders(n: int, fail_ratio: float) -> set[int]:
-    """The orders, of 0..n-1, that ``--refusals spread`` places for a sold-out product.
+def run_saga(
+    options: BenchOptions,
+    *,
+    make_client,
+    n: int,
+    timeout: float,
+    placed: list[int],
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Place `n` orders and wait for their ends; the ids placed are added to `placed` as they come (for cleanup)."""
 
-    round(n × fail_ratio) of them, evenly through the run: order ⌊(j + ½)·n/k⌋
-    for each j of the k.
-    """
-    k = n - round(n * (1 - fail_ratio))
-    return {int((j + 0.5) * n / k) for j in range(k)}
+    def record(ident: int | None) -> None:
+        if ident is not None:
+            placed.append(ident)
+        shown.sent(ident)
 
-
-def _workload(options: BenchOptions, run_id: str, n: int) -> tuple[Callable[[int], list[dict]], int]:
-    """Products for `n` orders of one unit each, and order i's lines; returns those and the stock made.
-
-    Stock is sized so that round(n × fail_ratio) orders are refused: with
-    ``--refusals spread`` the refused ones order a product made with no stock
-    (a sold-out item) and every other order's product has stock for exactly
-    its orders; with ``last`` all orders go round robin and each product has
-    stock for all but about fail_ratio of its orders, so the last of each
-    product's orders are refused and every refusal and its compensation comes
-    in the last tenth of the run (the first three sessions' workload).
-    """
-    refused = refused_orders(n, options.fail_ratio) if options.refusals == "spread" else set()
-    served = [i for i in range(n) if i not in refused]
-    count = max(1, min(options.products, len(served)))
-    demand = [0] * count
-    for position in range(len(served)):
-        demand[position % count] += 1
-    if options.refusals == "spread":
-        stocks = demand
-    else:
-        allowed = round(n * (1 - options.fail_ratio))
-        stocks = [wanted * allowed // n for wanted in demand]
-        for k in range(count):  # what the rounding down left, one unit each
-            if sum(stocks) < allowed and stocks[k] < demand[k]:
-                stocks[k] += 1
-
-    def create(k: int | str, stock: int) -> int:
-        return inventory_services.product_create(
-            sku=f"BENCH-{run_id}-{k}", name=f"Bench product {k} ({run_id})", price=Decimal("9.99"), stock=stock
-        ).pk
-
-    ids = [create(k, stock) for k, stock in enumerate(stocks)]
-    product_of = {i: ids[position % count] for position, i in enumerate(served)}
-    if refused:
-        sold_out = create("sold-out", 0)
-        product_of.update(dict.fromkeys(refused, sold_out))
-
-    def lines_for(i: int) -> list[dict]:
-        return [{"product": product_of[i], "quantity": 1}]
-
-    return lines_for, sum(stocks)
-
-
-def run_saga(options: BenchOptions, *, make_client, n: int, timeout: float) -> dict:
-    sent = drive(n, options.concurrency, options.rate, make_client)
-    figures = _client_figures(sent)
-    ids = sorted(s.ident for s in sent)
-    if len(set(ids)) != n:
-        raise BenchFailed(f"{n} orders sent but {len(set(ids))} distinct order ids came back")
-    wait_orders(ids, timeout)
-    db = service_db("orders")
+    with Progress(progress, "saga", n, lambda ids: len(terminal_orders(ids))) as shown:
+        sent = drive(n, options.concurrency, options.rate, make_client, record)
+        figures = _client_figures(sent)
+        ids = sorted(s.ident for s in sent)
+        if len(set(ids)) != n:
+            raise BenchFailed(f"{n} orders sent but {len(set(ids))} distinct order ids came back")
+        wait_orders(ids, timeout)
     confirmed, cancelled = [], []
     for chunk in _chunks(ids):
-        rows = Order.objects.using(db).filter(pk__in=chunk, status=Order.Status.CONFIRMED)
+        rows = Order.objects.filter(pk__in=chunk, status=Order.Status.CONFIRMED)
         confirmed += rows.values_list("created_at", "confirmed_at")
-        cancelled += CancelledOrder.objects.using(db).filter(pk__in=chunk).values_list("created_at", "cancelled_at")
+        cancelled += CancelledOrder.objects.filter(pk__in=chunk).values_list("created_at", "cancelled_at")
     last = max(_epoch(end) for _, end in confirmed + cancelled)
     seconds = last - figures["first_sent"]
     return {
@@ -547,22 +525,16 @@ def run_saga(options: BenchOptions, *, make_client, n: int, timeout: float) -> d
     }
 
 
-def _bench_user():
-    user_model = get_user_model()
-    user, created = user_model._default_manager.get_or_create(
-        **{user_model.USERNAME_FIELD: BENCH_USERNAME}, defaults={"is_staff": True}
-    )
-    if created:
-        user.set_unusable_password()
-        user.save()
-    elif not user.is_staff:
-        user.is_staff = True
-        user.save(update_fields=["is_staff"])
+def _bench_user(run_id: str):
+    """A staff user of this run only (deleted with its orders at the end, unless --keep)."""
+    user = get_user_model()._default_manager.create_user(username=f"bench-{run_id}", is_staff=True)
+    user.set_unusable_password()
+    user.save(update_fields=["password"])
     return user
 
 
 def _environment() -> dict:
-    db = connections[service_db("orders")]
+    db = connections[Order.objects.db]
     broker = settings.CELERY_BROKER_URL.split(":", 1)[0]
     try:
         load = os.getloadavg()
@@ -571,6 +543,7 @@ def _environment() -> dict:
     return {
         "database": db.vendor,
         "broker": broker,
+        "own_world": os.environ.get(isolation.OWN_WORLD) == "1",
         "cpus": os.cpu_count(),
         "load_average_before": [round(x, 2) for x in load] if load else None,
         "conn_max_age": db.settings_dict.get("CONN_MAX_AGE"),
@@ -598,20 +571,27 @@ def run(options: BenchOptions) -> dict:
         "options": options.as_dict(),
         "environment": _environment(),
     }
-    spawned = Spawned(options, run_id) if options.spawn else None
+    workers = None
+    placed: list[int] = []
+    user = None
     try:
-        if spawned:
-            log(f"starting workers{' and web server' if options.via == 'api' else ''} (logs in {spawned.directory})")
-            spawned.start()
-        user = _bench_user()
-        lines_for, stock = _workload(options, run_id, n)
+        if options.spawn:
+            if options.baseline and not report["environment"]["own_world"]:
+                isolation.check_floor_table()
+            log(f"starting workers{' and web server' if options.via == 'api' else ''}")
+            workers, url = spawn(options, run_id)
+            log(f"workers ready (logs in {workers.directory})")
+        else:
+            isolation.check_workers(floor=options.baseline)
+            url = options.url
+        user = _bench_user(run_id)
+        lines_for, stock = workload(options, run_id, n)
         report["expected"] = {"confirmed": min(stock, n), "cancelled": n - min(stock, n)}
 
         if options.via == "api":
             from rest_framework.authtoken.models import Token
 
-            token = Token.objects.using(service_db("orders")).get_or_create(user=user)[0].key
-            url = options.url or spawned.url
+            token = Token.objects.create(user=user).key
             keys = f"bench-{run_id}" if options.idempotency_keys else None
             report["environment"]["url"] = url
 
@@ -627,11 +607,9 @@ def run(options: BenchOptions) -> dict:
 
         if warmup:
             log(f"warming up: {warmup} orders{' and floor chains' if options.baseline else ''}")
-            spare = inventory_services.product_create(
-                sku=f"BENCH-{run_id}-warmup", name=f"Bench warm-up ({run_id})", price=Decimal("1.00"), stock=warmup
-            )
-            warm_lines = [{"product": spare.pk, "quantity": 1}]
+            warm_lines = [{"product": product_create(run_id, "warmup", warmup, price="1.00"), "quantity": 1}]
             warm = drive(warmup, options.concurrency, None, client_for(lambda i: warm_lines))
+            placed += [s.ident for s in warm if s.ident is not None]
             if any(s.error for s in warm):
                 raise BenchFailed(f"warm-up failed: {next(s.error for s in warm if s.error)}")
             wait_orders([s.ident for s in warm], timeout)
@@ -640,11 +618,11 @@ def run(options: BenchOptions) -> dict:
 
         def measured(phase: Callable[[], dict]) -> dict:
             """Run a phase; with --spawn, add the CPU its processes and this one used, per item."""
-            cpu_before = (spawned.cpu_seconds() if spawned else {}, time.process_time())
+            cpu_before = (cpu_seconds(workers) if workers else {}, time.process_time())
             figures = phase()
-            if spawned:
+            if workers:
                 items = figures.get("chains") or figures.get("orders")
-                after = spawned.cpu_seconds()
+                after = cpu_seconds(workers)
                 per_process = {
                     name: round((after[name] - cpu_before[0].get(name, 0.0)) * 1000 / items, 2) for name in after
                 }
@@ -657,9 +635,13 @@ def run(options: BenchOptions) -> dict:
 
         if options.baseline:
             log(f"floor: {n} chains of three trivial tasks")
-            report["floor"] = measured(lambda: run_floor(options, n, timeout))
+            report["floor"] = measured(lambda: run_floor(options, n, timeout, options.progress))
         log(f"saga: {n} orders via {options.via}")
-        report["saga"] = measured(lambda: run_saga(options, make_client=make_client, n=n, timeout=timeout))
+        report["saga"] = measured(
+            lambda: run_saga(
+                options, make_client=make_client, n=n, timeout=timeout, placed=placed, progress=options.progress
+            )
+        )
         if options.baseline and report["floor"]["done_per_s"]:
             report["ratio"] = round(report["saga"]["terminal_per_s"] / report["floor"]["done_per_s"], 3)
         violations = audit()
@@ -669,8 +651,17 @@ def run(options: BenchOptions) -> dict:
         report["ok"] = False
         report["error"] = str(exc)
     finally:
-        if spawned:
+        if workers:
             log("stopping the processes the bench started")
-            spawned.stop()
+            workers.stop_all(warm=True)
+        if options.keep:
+            report["kept"] = {"run_id": run_id, "orders": len(placed)}
+        elif user is not None:
+            log("deleting what the run made (--keep keeps it)")
+            try:
+                report["deleted"] = isolation.cleanup(run_id, placed, user.pk)
+            except Exception as exc:  # reported: the run must say it left data behind
+                report["ok"] = False
+                report["error"] = f"{report.get('error') or 'cleanup'}; cleanup failed ({type(exc).__name__}: {exc})"
         close_old_connections()
     return report

@@ -1,6 +1,6 @@
 """The bench's workload: which orders the stock refuses, and stock sized for the rest.
 
-The runs themselves (real workers) are in tests/test_bench.py.
+The runs themselves (real workers) are in bench/tests/test_bench.py.
 """
 
 import itertools
@@ -8,8 +8,9 @@ from collections import Counter
 
 import pytest
 
+from bench.run import BenchOptions
+from bench.workload import refused_orders, workload
 from inventory.models import Product
-from orders.bench import BenchOptions, _workload, refused_orders
 
 
 def test_spread_refusals_come_evenly_through_the_run():
@@ -31,7 +32,7 @@ def test_as_many_refusals_as_the_stock_allows_for(n, ratio, count):
 @pytest.mark.django_db
 def test_spread_workload_refuses_exactly_the_chosen_orders_with_a_sold_out_product():
     n = 50
-    lines_for, stock = _workload(BenchOptions(orders=n, products=4, fail_ratio=0.1), "t1", n)
+    lines_for, stock = workload(BenchOptions(orders=n, products=4, fail_ratio=0.1), "t1", n)
 
     refused = refused_orders(n, 0.1)
     assert stock == n - len(refused) == 45
@@ -48,7 +49,7 @@ def test_spread_workload_refuses_exactly_the_chosen_orders_with_a_sold_out_produ
 @pytest.mark.django_db
 def test_last_workload_lets_each_products_stock_run_out_at_the_end():
     n = 40
-    lines_for, stock = _workload(BenchOptions(orders=n, products=4, fail_ratio=0.1, refusals="last"), "t2", n)
+    lines_for, stock = workload(BenchOptions(orders=n, products=4, fail_ratio=0.1, refusals="last"), "t2", n)
 
     assert stock == 36
     ordered = Counter(lines_for(i)[0]["product"] for i in range(n))

@@ -4,18 +4,14 @@ Each commits one UPDATE of one row (its chain's BenchFloorChain row) and does
 nothing else, so a chain of them costs what the broker, the database and the
 worker settings cost and no more: the physical limit of this architecture on
 the machine. The names carry the service prefixes, so `task_routes` sends each
-to its own queue exactly as it sends the saga's steps. Found by
-`app.autodiscover_tasks(related_name="bench_tasks")` in project/celery.py.
-
-They are benchmark apparatus, not part of a service: all three write the
-orders database, also in the split-database shape.
+to its own queue exactly as it sends the saga's steps. Celery's autodiscovery
+finds them only where the bench app is installed (ORDERFLOW_BENCH=1): no
+production worker registers them.
 """
 
 from celery import shared_task
 from django.db.models import F
 from django.utils import timezone
-
-from project.db import service_db
 
 from .models import BenchFloorChain
 
@@ -26,7 +22,7 @@ def _step(chain_id, last: bool) -> None:
     changes = {"steps": F("steps") + 1}
     if last:
         changes["done_at"] = timezone.now()
-    BenchFloorChain.objects.using(service_db("orders")).filter(pk=chain_id).update(**changes)
+    BenchFloorChain.objects.filter(pk=chain_id).update(**changes)
 
 
 @shared_task(name="inventory.bench_floor")

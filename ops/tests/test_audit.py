@@ -12,9 +12,18 @@ from django.utils import timezone
 
 from inventory import services as inventory
 from inventory.models import Product, StockReservation
+from ops.audit import (
+    CHECKS,
+    Books,
+    Violation,
+    audit,
+    held_equals_sold,
+    no_oversell,
+    sales_match_lines,
+)
 from orders import services as orders
-from orders.audit import audit
 from orders.models import CancelledOrder, Order
+from orders.public import OrderState
 from reports import public as reports_public
 from reports import services as reports
 from reports.models import ProductReport
@@ -41,6 +50,10 @@ def cancelled_order(user, product, quantity=1) -> int:
     inventory.stock_release(order_id=order.pk)
     orders.order_delete(order_id=order.pk)
     return order.pk
+
+
+def audit_books(books: Books) -> list[Violation]:
+    return [violation for check in CHECKS for violation in check(books)]
 
 
 def invariants(violations) -> set[str]:
@@ -172,3 +185,58 @@ def test_a_sale_committed_while_the_audit_reads_is_seen_whole_or_not_at_all(
 
     assert audit() == []
     assert ProductReport.objects.get(product_id=product.pk).units_sold == 3  # the sale did land
+
+
+# --- each check on books written by hand (no database) ----------------------------------------
+
+
+def books(**fields) -> Books:
+    empty = {"live_orders": {}, "cancelled": set(), "lines": {}, "held": {}, "sold": {}, "units_sold": {}}
+    return Books(now=timezone.now(), stale_after=timedelta(minutes=10), **{"negative_stock": [], **empty, **fields})
+
+
+def confirmed(order_id: int) -> OrderState:
+    return OrderState(order_id, "confirmed", timezone.now())
+
+
+def test_stock_below_zero_breaks_no_oversell():
+    # The database refuses negative stock (a CheckConstraint), so only hand-written books can show one.
+    assert list(no_oversell(books(negative_stock=[7]))) == [
+        Violation("no-oversell", "stock is below zero", product_id=7)
+    ]
+
+
+def test_a_sale_counted_for_a_cancelled_or_unknown_order_is_reported():
+    found = audit_books(books(cancelled={1}, sold={1: {7: 2}, 2: {7: 1}}))
+
+    assert Violation("books-balance", "cancelled but its sale is counted: {7: 2}", order_id=1) in found
+    assert Violation("no-orphans", "sale counted for unknown order: {7: 1}", order_id=2) in found
+
+
+def test_a_sale_that_is_not_the_orders_lines_is_reported():
+    found = list(sales_match_lines(books(live_orders={1: confirmed(1)}, lines={1: {7: 2}}, sold={1: {7: 3}})))
+
+    assert found == [Violation("books-balance", "sale counted {7: 3}, lines are {7: 2}", order_id=1)]
+
+
+def test_units_held_against_units_sold_per_product_leave_in_flight_orders_out():
+    pending = OrderState(2, "pending", timezone.now())
+    settled = books(
+        live_orders={1: confirmed(1), 2: pending},
+        lines={1: {7: 2}, 2: {7: 1}},
+        held={1: {7: 2}, 2: {7: 1}},  # order 2 is reserved, its sale not recorded yet
+        sold={1: {7: 2}},
+        units_sold={7: 2},
+    )
+    assert audit_books(settled) == []
+
+    unbalanced = books(live_orders={1: confirmed(1)}, lines={1: {7: 2}}, held={1: {7: 2}, 3: {7: 1}}, cancelled={3})
+    assert Violation("books-balance", "3 units held but 0 sold", product_id=7) in list(held_equals_sold(unbalanced))
+
+
+def test_each_check_stands_alone_an_order_breaking_two_is_reported_twice():
+    # Confirmed, holding only part of its lines: all-or-nothing and books-balance both see it.
+    found = audit_books(books(live_orders={1: confirmed(1)}, lines={1: {7: 2, 8: 1}}, held={1: {7: 2}}))
+
+    assert {(v.invariant, v.order_id) for v in found} >= {("all-or-nothing", 1), ("books-balance", 1)}
+    assert audit_books(books()) == []
