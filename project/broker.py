@@ -330,6 +330,11 @@ class Transport(filesystem.Transport):
     def __init__(self, client, **kwargs):
         super().__init__(client, **kwargs)
         self._poll_timer = None
+        # The folders this transport keeps its queues in (settings only name them).
+        options = client.transport_options
+        for key in ("data_folder_in", "data_folder_out", "processed_folder", "control_folder"):
+            if options.get(key):
+                Path(options[key]).mkdir(parents=True, exist_ok=True)
 
     def register_with_event_loop(self, connection, loop):
         self.unregister_from_event_loop(connection, loop)

@@ -2,7 +2,15 @@
 
 Every deploy-time value comes from the environment (or a `.env` file beside
 manage.py); the defaults give the embedded shape: SQLite and kombu's
-`filesystem://` broker under `var/`, no servers. `.env.example` lists them all.
+`filesystem://` broker under `var/`, no servers. `.env.example` lists them all,
+and docs/operations.md explains them.
+
+Grouped by topic, in this order: paths and secrets; security; applications
+and HTTP; databases; the REST API; throttles; orders and the saga; Celery and
+the broker; logging. Importing it writes only into var/ and only what the
+embedded shape cannot start without (the folder and a generated secret key,
+when SECRET_KEY is unset); the broker's folders are made by the transport
+(project/broker.py) and static files by collectstatic.
 """
 
 import secrets
@@ -18,8 +26,9 @@ env = environ.Env()
 if (BASE_DIR / ".env").is_file():
     environ.Env.read_env(BASE_DIR / ".env")
 
+# --- Paths and secrets -------------------------------------------------------
 # Everything the embedded shape writes (database, broker folders, beat
-# schedule, generated secret) lives here.
+# schedule, generated secret) lives here; SQLite needs the folder to exist.
 # Relative to the working directory when relative (resolved once, so every path below is absolute).
 VAR_DIR = Path(env("ORDERFLOW_VAR_DIR", default="") or BASE_DIR / "var").resolve()
 VAR_DIR.mkdir(parents=True, exist_ok=True)
@@ -35,9 +44,30 @@ def _local_secret_key() -> str:
 
 
 SECRET_KEY = env("SECRET_KEY", default=None) or _local_secret_key()
+
+# --- Security ------------------------------------------------------------------
 DEBUG = env.bool("DEBUG", default=False)
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+# HTTPS hardening for production (`manage.py check --deploy`); all off by default so plain
+# http on localhost keeps working. SECURE_PROXY_SSL_HEADER="HTTP_X_FORWARDED_PROTO,https" only
+# behind a proxy that sets that header itself (else clients could claim https).
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=False)
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]  # probed over plain http from inside (compose, load balancers)
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=False)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=False)
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
+SECURE_PROXY_SSL_HEADER = env.tuple("SECURE_PROXY_SSL_HEADER", default=None) or None
+if SECURE_PROXY_SSL_HEADER is not None and len(SECURE_PROXY_SSL_HEADER) != 2:
+    raise ValueError("SECURE_PROXY_SSL_HEADER: expected HEADER,value, e.g. HTTP_X_FORWARDED_PROTO,https")
+
+# Request bodies above this are refused before they are parsed (413).
+DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("DATA_UPLOAD_MAX_MEMORY_SIZE", default=64 * 1024)
+
+
+# --- Applications and HTTP -----------------------------------------------------
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -53,6 +83,8 @@ INSTALLED_APPS = [
     "inventory",
     "reports",
     "ops",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
 ]
 # The benchmark (bench/: `manage.py bench_orders`, its table and floor tasks) is a tool, not
 # a service: installed only where a benchmark runs. `make bench` sets ORDERFLOW_BENCH=1, and
@@ -144,7 +176,6 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = env("STATIC_ROOT", default=str(VAR_DIR / "static"))
-Path(STATIC_ROOT).mkdir(parents=True, exist_ok=True)
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
@@ -158,9 +189,6 @@ FLOWER_URL = env("ORDERFLOW_FLOWER_URL", default="") or (
     f"http://127.0.0.1:{env.int('FLOWER_PORT', default=5555)}/" + (f"{_FLOWER_PREFIX}/" if _FLOWER_PREFIX else "")
 )
 
-# Request bodies above this are refused before they are parsed (413).
-DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("DATA_UPLOAD_MAX_MEMORY_SIZE", default=64 * 1024)
-
 # --- REST API --------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -168,12 +196,14 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    # DRF's JSON parser, but a body nested thousands deep is a 400, not a RecursionError (500).
+    "DEFAULT_PARSER_CLASSES": ["project.parsers.JSONParser"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     # `?page=` and a bounded `?page_size=` (at most API_MAX_PAGE_SIZE) on every list.
     "DEFAULT_PAGINATION_CLASS": "project.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "project.errors.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
     # Throttles that key on the client's address trust this many proxies' X-Forwarded-For entries;
     # 0 (the default) uses the connection's own address, so a client cannot pick its own key.
@@ -181,11 +211,7 @@ REST_FRAMEWORK = {
 }
 API_MAX_PAGE_SIZE = env.int("API_MAX_PAGE_SIZE", default=200)
 
-# --- API schema, throttling, security (issue 3) -----------------------------
-INSTALLED_APPS += ["drf_spectacular", "drf_spectacular_sidecar"]
-REST_FRAMEWORK["DEFAULT_SCHEMA_CLASS"] = "drf_spectacular.openapi.AutoSchema"
-# DRF's JSON parser, but a body nested thousands deep is a 400, not a RecursionError (500).
-REST_FRAMEWORK["DEFAULT_PARSER_CLASSES"] = ["project.parsers.JSONParser"]
+# OpenAPI 3 at /api/schema/, Swagger UI at /api/docs/ (drf-spectacular).
 SPECTACULAR_SETTINGS = {
     "TITLE": "orderflow API",
     "DESCRIPTION": (
@@ -207,6 +233,8 @@ SPECTACULAR_SETTINGS = {
     # Every API URL also answers without its trailing slash (project/urls.py); the schema names each once.
     "PREPROCESSING_HOOKS": ["project.schema.one_path_per_endpoint"],
 }
+
+# --- Throttles -----------------------------------------------------------------
 
 
 def _throttle_rate(name: str, default: str) -> str | None:
@@ -237,21 +265,7 @@ CACHES = {
 }
 CACHES["throttle"].setdefault("OPTIONS", {}).setdefault("MAX_ENTRIES", 10_000)
 
-# HTTPS hardening for production (`manage.py check --deploy`); all off by default so plain
-# http on localhost keeps working. SECURE_PROXY_SSL_HEADER="HTTP_X_FORWARDED_PROTO,https" only
-# behind a proxy that sets that header itself (else clients could claim https).
-SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=False)
-SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]  # probed over plain http from inside (compose, load balancers)
-SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=False)
-CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=False)
-SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0)
-SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False)
-SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
-SECURE_PROXY_SSL_HEADER = env.tuple("SECURE_PROXY_SSL_HEADER", default=None) or None
-if SECURE_PROXY_SSL_HEADER is not None and len(SECURE_PROXY_SSL_HEADER) != 2:
-    raise ValueError("SECURE_PROXY_SSL_HEADER: expected HEADER,value, e.g. HTTP_X_FORWARDED_PROTO,https")
-
-# --- Orders ----------------------------------------------------------------
+# --- Orders and the saga -------------------------------------------------------
 ORDER_MAX_LINES = env.int("ORDER_MAX_LINES", default=50)
 ORDER_MAX_QUANTITY = env.int("ORDER_MAX_QUANTITY", default=1000)
 # The sweeper re-dispatches a `pending` order whose last dispatch is older
@@ -267,14 +281,13 @@ SAGA_RETRY_BACKOFF_MAX_SECONDS = env.float("SAGA_RETRY_BACKOFF_MAX_SECONDS", def
 # Fault injection for tests and drills (project/faults.py); unset in production.
 ORDERFLOW_FAULTS_FILE = env("ORDERFLOW_FAULTS_FILE", default=None)
 
-# --- Celery ----------------------------------------------------------------
+# --- Celery and the broker -----------------------------------------------------
 SERVICE_QUEUES = ("orders", "inventory", "reports")
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="") or "filesystem://localhost/"
 _BROKER_DIR = VAR_DIR / "broker"
 if CELERY_BROKER_URL.startswith("filesystem"):
-    for _sub in ("queue", "processed", "control"):
-        (_BROKER_DIR / _sub).mkdir(parents=True, exist_ok=True)
-    # kombu's filesystem transport with atomic writes (see project/broker.py).
+    # kombu's filesystem transport, made safe for process deaths (project/broker.py;
+    # it makes its folders when a connection is made).
     CELERY_BROKER_TRANSPORT = "project.broker:Transport"
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         # One folder is both the in and the out box: every process on this
