@@ -36,11 +36,12 @@ export PYTHONUNBUFFERED := 1
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help install install-dev install-bench install-docs run test bench docs browser-deps lint format migrate createdb collectstatic seed superuser clean distclean
+.PHONY: help install install-dev install-bench install-docs run status test bench docs browser-deps lint format migrate createdb collectstatic seed superuser clean distclean
 
 help:
 	@echo "make run        install, migrate, seed demo data, then run web + workers + beat + Flower"
 	@echo "                (PORT=$${PORT:-8000}, FLOWER_PORT=$${FLOWER_PORT:-5555}; Ctrl-C stops everything)"
+	@echo "make status     the processes of a running make run (CMD=\"restart worker_inventory\": another supervisorctl command)"
 	@echo "make test       install the dev tools, then run the test suite (PYTEST_ARGS=... passes options to pytest)"
 	@echo "make docs       install the docs tools, then build the site into site/ (mkdocs build --strict)"
 	@echo "make bench      the benchmark (bench/): ARGS=\"--orders 200 --spawn --baseline\" passes options to bench_orders"
@@ -195,9 +196,9 @@ superuser: migrate
 # --- the two commands -------------------------------------------------------------
 
 # The Procfile's processes run under supervisord, which restarts any that exits or is
-# killed. `honcho export` writes its configuration from the Procfile (template:
-# scripts/supervisord/supervisord.conf), numbering PORT per process (base + 100 each), so
-# web is the Procfile's first line; .env is already merged into the environment, hence -e /dev/null.
+# killed. scripts/supervisord/configure.sh writes its configuration from the Procfile
+# (`honcho export`, template scripts/supervisord/supervisord.conf), numbering PORT per process
+# (base + 100 each), so web is the Procfile's first line; .env is already merged into the environment.
 # Flower always runs behind basic auth: without FLOWER_BASIC_AUTH, a credential is generated
 # once into $ORDERFLOW_VAR_DIR/flower_basic_auth (mode 600) and shown in the ready banner.
 run: migrate collectstatic seed superuser
@@ -214,9 +215,8 @@ run: migrate collectstatic seed superuser
 		export FLOWER_BASIC_AUTH="$$(cat "$$auth_file")"; \
 		flower_login="$$FLOWER_BASIC_AUTH (kept in $$auth_file)"; \
 	fi; \
-	run_dir="$$var_dir/run"; mkdir -p "$$run_dir"; \
-	out=$$(honcho export -f Procfile -e /dev/null -p "$$PORT" -a orderflow -l "$$run_dir" \
-		-t scripts/supervisord supervisord "$$run_dir" 2>&1) || { echo "$$out" >&2; exit 1; }; \
+	run_dir="$$var_dir/run"; \
+	conf="$$(sh scripts/supervisord/configure.sh "$$run_dir" "$$PORT")"; \
 	web="http://127.0.0.1:$$PORT"; \
 	export ORDERFLOW_READY_BANNER="$$(printf '%s\n' \
 		"" \
@@ -226,9 +226,15 @@ run: migrate collectstatic seed superuser
 		"  API         $$web/api/   (docs: $$web/api/docs/)" \
 		"  health      $$web/healthz   $$web/readyz" \
 		"  Flower      http://127.0.0.1:$$FLOWER_PORT/   login $$flower_login" \
-		"  processes   supervisorctl -c $$run_dir/orderflow.conf status" \
+		"  processes   make status   (or $(VENV)/bin/supervisorctl -c $$conf status)" \
 		"")"; \
-	exec $(PY) scripts/supervisord/foreground.py supervisord -n -c "$$run_dir/orderflow.conf"
+	exec $(PY) scripts/supervisord/foreground.py supervisord -n -c "$$conf"
+
+# The processes of a running `make run` (CMD: any supervisorctl command, e.g. CMD="restart worker_inventory").
+status:
+	@var_dir="$${ORDERFLOW_VAR_DIR:-$(CURDIR)/var}"; \
+	test -f "$$var_dir/run/orderflow.conf" || { echo "make status: no make run has started here ($$var_dir/run)" >&2; exit 1; }; \
+	$(VENV)/bin/supervisorctl -c "$$var_dir/run/orderflow.conf" $(or $(CMD),status)
 
 # var/test keeps the test database and broker folders away from a running `make run`.
 test: install-dev

@@ -39,10 +39,12 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
+import threading
 import uuid
 from pathlib import Path
 from queue import Empty
-from time import monotonic, time
+from time import monotonic, monotonic_ns, time
 
 from kombu.transport import filesystem
 from kombu.utils.encoding import bytes_to_str, str_to_bytes
@@ -56,6 +58,16 @@ ORPHAN_CHECK_SECONDS = 2.0
 #: mid-publish (the write takes microseconds); it is removed. Its publish never
 #: returned, so the task that published it was not acknowledged and runs again.
 ABANDONED_WRITE_SECONDS = 60.0
+#: Celery's transient queues: an event receiver's (`celeryev.<id>`: Flower) and a remote
+#: control client's replies (`<id>.reply.celery.pidbox`). Celery declares them to expire
+#: when unused (auto_delete, x-expires), which RabbitMQ enforces and this transport did
+#: not: each Flower restart left a queue that events kept filling (issue 19 review).
+TRANSIENT_QUEUE = re.compile(r"^celeryev\.|\.reply\.celery\.pidbox$")
+#: A transient queue with no live consumer for this long is deleted, binding and
+#: messages (Celery's event_queue_expires default is 60 s).
+TRANSIENT_QUEUE_EXPIRES = 60.0
+#: How often a consuming process looks for expired transient queues (seconds).
+EXPIRY_CHECK_SECONDS = 10.0
 #: At most this many messages are delivered per event-loop poll before the loop
 #: gets a turn (pool results, timers, remote control); the rest follow at once.
 DELIVERIES_PER_POLL = 32
@@ -83,6 +95,8 @@ class _Owner:
 
 
 _owners: dict[tuple[int, str], _Owner] = {}
+# queue name -> when this process first saw that no live process consumes it (monotonic seconds).
+_unconsumed_since: dict[str, float] = {}
 
 
 def _owner(claimed_root: Path) -> _Owner:
@@ -105,8 +119,21 @@ def recover_orphaned_claims(claimed_root: Path, queue_folder: Path, *, skip: str
 
     Returns the number of messages moved. An owner is dead when its lock can be
     taken; a live owner's folder is left alone. Safe to run from several
-    processes at once: the lock lets one of them at a time into a dead owner's folder.
+    processes and threads at once: the lock file lets one process at a time into a
+    dead owner's folder, and a thread lock one thread of each process.
     """
+    if not _recovery_lock.acquire(blocking=False):
+        return 0  # another thread of this process is at it (the lock file serialises processes only)
+    try:
+        return _recover(claimed_root, queue_folder, skip)
+    finally:
+        _recovery_lock.release()
+
+
+_recovery_lock = threading.Lock()
+
+
+def _recover(claimed_root: Path, queue_folder: Path, skip: str) -> int:
     moved = 0
     try:
         names = os.listdir(claimed_root)
@@ -156,25 +183,23 @@ def recover_orphaned_claims(claimed_root: Path, queue_folder: Path, *, skip: str
     return moved
 
 
-def queue_consumers(claimed_root: Path, queue: str) -> list[float]:
-    """When each live consumer of `queue` last took a message from it (Unix times, seconds).
+def _live_owner_folders(claimed_root: Path) -> list[Path]:
+    """The claim folders of processes that are alive: this process's, and those whose lock is held.
 
-    A consumer is a process with a claim folder whose lock is held (it is alive)
-    and that has taken at least one message of `queue`; the time is the mtime of
-    its `<queue>.consumer` marker, touched at every claim. Reads only: a dead
-    owner's folder is left for `recover_orphaned_claims`.
+    This process's own folder is never tested: a POSIX lock taken and released
+    through a second descriptor in the owning process would release its own lock.
     """
-    taken = []
+    own = _owners.get((os.getpid(), str(claimed_root)))
+    live = [own.folder] if own is not None else []
     try:
         names = os.listdir(claimed_root)
     except FileNotFoundError:
-        return taken
+        return live
     for name in names:
-        if name.startswith("."):
+        if name.startswith(".") or (own is not None and name == own.name):
             continue
         folder = claimed_root / name
         try:
-            last = (folder / f"{queue}{_MARKER_SUFFIX}").stat().st_mtime
             fd = os.open(folder / _LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
             continue
@@ -182,12 +207,36 @@ def queue_consumers(claimed_root: Path, queue: str) -> list[float]:
             # Taken and given back at once when free: is the lock held by another process?
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            taken.append(last)  # held: the consumer is alive
+            live.append(folder)  # held: the owner is alive
         else:
             fcntl.lockf(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+    return live
+
+
+def queue_consumers(claimed_root: Path, queue: str) -> list[float]:
+    """When each live consumer of `queue` last took a message from it (Unix times, seconds).
+
+    A consumer is a live process (see _live_owner_folders) that consumes `queue`:
+    its claim folder holds a `<queue>.consumer` marker, made when it starts
+    consuming and touched at every claim; the time is the marker's mtime. Reads
+    only: a dead owner's folder is left for `recover_orphaned_claims`.
+    """
+    taken = []
+    for folder in _live_owner_folders(claimed_root):
+        with contextlib.suppress(FileNotFoundError):
+            taken.append((folder / f"{queue}{_MARKER_SUFFIX}").stat().st_mtime)
     return taken
+
+
+def consumed_queues(claimed_root: Path) -> set[str]:
+    """The names of the queues some live process consumes (their markers)."""
+    queues = set()
+    for folder in _live_owner_folders(claimed_root):
+        with contextlib.suppress(FileNotFoundError):
+            queues.update(n[: -len(_MARKER_SUFFIX)] for n in os.listdir(folder) if n.endswith(_MARKER_SUFFIX))
+    return queues
 
 
 def remove_abandoned_writes(queue_folder: Path, *, older_than: float = ABANDONED_WRITE_SECONDS) -> int:
@@ -215,6 +264,7 @@ class Channel(filesystem.Channel):
         self._claims: dict[str, Path] = {}
         self._no_ack_queues: set[str] = set()
         self._orphans_checked_at: float | None = None
+        self._expiry_checked_at: float | None = None
         self._markers: dict[str, Path] = {}
 
     @property
@@ -222,7 +272,10 @@ class Channel(filesystem.Channel):
         return Path(self.data_folder_in).parent / "claimed"
 
     def _put(self, queue, payload, **kwargs):
-        name = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
+        # Consumers take the lowest name first: the time, zero-padded so that names sort
+        # as numbers do (kombu's unpadded milliseconds misorder when they gain a digit,
+        # and two messages of one millisecond came out in random order).
+        name = f"{monotonic_ns():020d}_{uuid.uuid4()}.{queue}.msg"
         # No "<queue>.msg" suffix: consumers skip it until the rename.
         partial = os.path.join(self.data_folder_out, f"tmp-{uuid.uuid4().hex}")
         try:
@@ -274,11 +327,32 @@ class Channel(filesystem.Channel):
 
     def _maybe_recover_orphans(self) -> None:
         now = monotonic()
-        if self._orphans_checked_at is not None and now - self._orphans_checked_at < ORPHAN_CHECK_SECONDS:
-            return
-        self._orphans_checked_at = now
-        recover_orphaned_claims(self._claimed_root, Path(self.data_folder_in), skip=_owner(self._claimed_root).name)
-        remove_abandoned_writes(Path(self.data_folder_in))
+        if self._orphans_checked_at is None or now - self._orphans_checked_at >= ORPHAN_CHECK_SECONDS:
+            self._orphans_checked_at = now
+            recover_orphaned_claims(self._claimed_root, Path(self.data_folder_in), skip=_owner(self._claimed_root).name)
+            remove_abandoned_writes(Path(self.data_folder_in))
+        if self._expiry_checked_at is None or now - self._expiry_checked_at >= EXPIRY_CHECK_SECONDS:
+            self._expiry_checked_at = now
+            self._expire_transient_queues(now)
+
+    def _expire_transient_queues(self, now: float) -> None:
+        """Delete transient queues (TRANSIENT_QUEUE) that no live process has consumed for TRANSIENT_QUEUE_EXPIRES.
+
+        A queue's binding goes from its exchange's table and its messages from the
+        folder (kombu's own `_delete`), so publishers stop filling it.
+        """
+        live = consumed_queues(self._claimed_root)
+        for table in Path(self.control_folder).glob("*.exchange"):
+            exchange = table.name[: -len(".exchange")]
+            for routing_key, pattern, queue in self.get_table(exchange):
+                if not TRANSIENT_QUEUE.search(queue) or queue in live:
+                    _unconsumed_since.pop(queue, None)
+                    continue
+                since = _unconsumed_since.setdefault(queue, now)
+                if now - since >= TRANSIENT_QUEUE_EXPIRES:
+                    self._delete(queue, exchange, routing_key, pattern)
+                    _unconsumed_since.pop(queue, None)
+                    logger.info("filesystem broker: deleted %s, unused for %.0f s", queue, now - since)
 
     def _release(self, delivery_tag) -> None:
         path = self._claims.pop(delivery_tag, None)
@@ -288,7 +362,18 @@ class Channel(filesystem.Channel):
     def basic_consume(self, queue, no_ack, *args, **kwargs):
         if no_ack:
             self._no_ack_queues.add(queue)
+        # The marker says "a live process consumes this queue" from now on (queue_consumers,
+        # consumed_queues), before any message has come.
+        self._mark_taken(_owner(self._claimed_root), queue)
         return super().basic_consume(queue, no_ack, *args, **kwargs)
+
+    def basic_cancel(self, consumer_tag):
+        queue = self._tag_to_queue.get(consumer_tag)
+        result = super().basic_cancel(consumer_tag)
+        marker = self._markers.pop(queue, None) if queue is not None else None
+        if marker is not None:
+            marker.unlink(missing_ok=True)
+        return result
 
     def basic_get(self, queue, no_ack=False, **kwargs):
         message = super().basic_get(queue, no_ack=no_ack, **kwargs)

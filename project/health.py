@@ -17,6 +17,7 @@ import logging
 import time
 from pathlib import Path
 
+from amqp.exceptions import NotFound
 from django.conf import settings
 from django.db import connections
 from django.http import JsonResponse
@@ -67,11 +68,15 @@ def queue_states() -> dict[str, str]:
     claimed_root = Path(options["data_folder_in"]).parent / "claimed" if "data_folder_in" in options else None
     with app.connection_for_write() as connection:
         connection.ensure_connection(max_retries=1, timeout=3)
-        channel = connection.default_channel
         for queue in settings.SERVICE_QUEUES:
+            # A channel per queue: on AMQP a passive declare of a missing queue closes its channel.
             try:
-                _, waiting, consumers = channel.queue_declare(queue=queue, passive=True)
-            except Exception as exc:  # a missing queue is reported like any other failure
+                with connection.channel() as channel:
+                    _, waiting, consumers = channel.queue_declare(queue=queue, passive=True)
+            except NotFound:
+                states[queue] = "idle"  # never declared: no worker has consumed it, nothing was sent to it
+                continue
+            except Exception as exc:  # reported like any other failure
                 states[queue] = f"error: {type(exc).__name__}"
                 continue
             taken = broker.queue_consumers(claimed_root, queue) if claimed_root else None

@@ -231,13 +231,13 @@ def test_abandoned_partial_writes_are_removed(root, connection):
 
 
 def test_an_unreadable_message_is_set_aside_and_the_next_one_delivered(connection, root):
-    (root / "queue" / f"0_bad.{QUEUE.name}.msg").write_bytes(b"not json")
+    (root / "queue" / f"{0:020d}_bad.{QUEUE.name}.msg").write_bytes(b"not json")
     publish(connection, {"n": 1})
 
     (message,) = take(connection)
 
     assert message.payload == {"n": 1}
-    assert os.listdir(root / "rejected") == [f"0_bad.{QUEUE.name}.msg"]
+    assert os.listdir(root / "rejected") == [f"{0:020d}_bad.{QUEUE.name}.msg"]
 
 
 def test_the_transport_delivers_from_an_event_loop(connection, root):
@@ -259,3 +259,54 @@ def test_the_transport_delivers_from_an_event_loop(connection, root):
         hub.close()
 
     assert [body["n"] for body in received] == list(range(broker.DELIVERIES_PER_POLL + 5))
+
+
+def test_asking_who_consumes_keeps_this_processs_own_lock(connection, root):
+    """A POSIX lock taken and given back through a second descriptor releases the owner's own lock."""
+    publish(connection, {"n": 1})
+    take(connection)  # this process now owns a claim folder, locked
+    (own,) = [p for p in (root / "claimed").iterdir() if not p.name.startswith(".")]
+
+    assert len(broker.queue_consumers(root / "claimed", QUEUE.name)) == 1
+    assert QUEUE.name in broker.consumed_queues(root / "claimed")
+
+    probe = subprocess.run(
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+         "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)", str(own / "lock")],
+        capture_output=True,
+    )  # fmt: skip
+    assert probe.returncode != 0, "another process could take a live owner's lock"
+
+
+def test_a_consumer_is_known_before_its_first_message(connection, root):
+    consumer = Consumer(connection.channel(), [QUEUE], callbacks=[lambda body, message: None])
+    consumer.consume()
+
+    assert broker.queue_consumers(root / "claimed", QUEUE.name)
+    consumer.cancel()
+    assert not broker.queue_consumers(root / "claimed", QUEUE.name)
+
+
+def test_a_transient_queue_nobody_consumes_is_deleted_after_it_expires(connection, root, monkeypatch):
+    """Flower's `celeryev.<id>` queue outlived Flower and kept filling (Celery declares it to expire)."""
+    monkeypatch.setattr(broker, "TRANSIENT_QUEUE_EXPIRES", 0.3)
+    monkeypatch.setattr(broker, "EXPIRY_CHECK_SECONDS", 0.0)
+    events = Exchange(f"celeryev{uuid.uuid4().hex[:6]}", type="topic")
+    gone = Queue(f"celeryev.{uuid.uuid4().hex}", events, routing_key="#")
+    producer = Producer(connection.channel())
+    for n in range(3):  # declared and bound, then filled, but consumed by nobody
+        producer.publish({"n": n}, exchange=events, routing_key="worker.heartbeat", declare=[gone])
+    table = root / "control" / f"{events.name}.exchange"
+    assert gone.name in table.read_text()
+    assert any(name.endswith(f".{gone.name}.msg") for name in os.listdir(root / "queue"))
+
+    publish(connection, {"n": 1})
+    take(connection)  # a consumer's polls do the clean-up: the first sees the queue unused...
+    time.sleep(0.4)
+    publish(connection, {"n": 2})
+    take(connection)  # ...the next, after it expired, deletes it
+
+    assert gone.name not in table.read_text()
+    assert not any(name.endswith(f".{gone.name}.msg") for name in os.listdir(root / "queue"))
+    producer.publish({"n": 9}, exchange=events, routing_key="worker.heartbeat")
+    assert not any(name.endswith(f".{gone.name}.msg") for name in os.listdir(root / "queue"))

@@ -3,7 +3,7 @@
 Run by supervisord as the `ready` program (scripts/supervisord/supervisord.conf),
 so the start-up lines of every process come first and the banner with every URL
 last. The processes' states come from supervisord itself (its XML-RPC interface,
-through the SUPERVISOR_SERVER_URL it gives its children; supervisor.childutils);
+through the SUPERVISOR_SERVER_URL it gives its children);
 a Celery worker counts once it answers a ping (`app.control.ping`): supervisord
 calls it RUNNING after a few seconds, before it consumes.
 The banner's text is ORDERFLOW_READY_BANNER (the Makefile builds it); PORT is the
@@ -15,9 +15,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import xmlrpc.client
 
 import django
-from supervisor import childutils
+from supervisor.xmlrpc import SupervisorTransport
 
 sys.path.insert(0, os.getcwd())  # supervisord starts this in the checkout (directory=)
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
@@ -28,7 +29,15 @@ from project.celery import app  # noqa: E402 (after django.setup)
 url = f"http://127.0.0.1:{os.environ.get('PORT', '8000')}/readyz"
 deadline = time.monotonic() + float(os.environ.get("READY_WAIT_SECONDS", "180"))
 me = os.environ.get("SUPERVISOR_PROCESS_NAME", "ready")
-supervisor = childutils.getRPCInterface(os.environ).supervisor
+# childutils.getRPCInterface, with the credentials the configuration gives this program.
+supervisor = xmlrpc.client.ServerProxy(
+    "http://127.0.0.1",
+    SupervisorTransport(
+        os.environ.get("SUPERVISOR_USERNAME", ""),
+        os.environ.get("SUPERVISOR_PASSWORD", ""),
+        os.environ["SUPERVISOR_SERVER_URL"],
+    ),
+).supervisor
 
 
 def readyz() -> int | None:
