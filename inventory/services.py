@@ -11,7 +11,6 @@ by order id through OrderReservation, so each step and undo is idempotent.
 
 import contextlib
 import logging
-from collections.abc import Iterable, Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -20,9 +19,9 @@ from django.db.models import F
 from django.utils import timezone
 
 from project.celery import app
-from project.db import Statement, after_commit, claim_row, insert_rows, service_db
+from project.db import after_commit, claim_row, service_db
 from project.errors import Conflict
-from project.saga import InvalidMessage, SagaAborted
+from project.saga import SagaAborted, step_lines
 
 from .exceptions import StockRefused, UnknownProduct
 from .models import OrderReservation, Product, StockReservation
@@ -100,24 +99,6 @@ class _Shortfall(Exception):
     pass
 
 
-def parse_lines(lines: Any) -> dict[int, int]:
-    """JSON lines ``[{"product": id, "quantity": n}, …]`` → {product id: quantity}."""
-    if not isinstance(lines, list) or not lines:
-        raise InvalidMessage("lines must be a non-empty list")
-    wanted: dict[int, int] = {}
-    for line in lines:
-        if not isinstance(line, Mapping):
-            raise InvalidMessage(f"each line must be an object, got {line!r}")
-        product, quantity = line.get("product"), line.get("quantity")
-        for value in (product, quantity):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise InvalidMessage(f"product and quantity must be positive integers: {dict(line)!r}")
-        if product in wanted:
-            raise InvalidMessage(f"product {product} appears twice")
-        wanted[product] = quantity
-    return dict(sorted(wanted.items()))
-
-
 def _claim(order_id: int, status: str, reason: str = "") -> tuple[OrderReservation, bool]:
     """Insert the order's record if absent, then lock and return it, and whether it is new.
 
@@ -142,33 +123,24 @@ def _shortfalls(wanted: dict[int, int]) -> list[str]:
     return problems
 
 
-# The conditional take of every reservation, as the ORM would write it without
-# compiling it anew for each line (project.db.Statement).
-_TAKE_STOCK = Statement(
-    Product,
-    "UPDATE {table} SET {stock} = {stock} - %s WHERE {id} = %s AND {active} = %s AND {stock} >= %s",
-    params=["stock", "id", "active", "stock"],
-)
-
-
 def _take(order_id: int, wanted: dict[int, int]) -> None:
+    """Take every line with a conditional UPDATE (it locks the row), then write the reservation rows."""
+    products = Product.objects.using(_db())
     for product_id, quantity in wanted.items():
-        if not _TAKE_STOCK.execute(quantity, product_id, True, quantity, using=_db()):
+        if not products.filter(pk=product_id, active=True, stock__gte=quantity).update(stock=F("stock") - quantity):
             raise _Shortfall(f"insufficient stock for product {product_id}: wanted {quantity}")
-    insert_rows(
-        StockReservation,
-        [StockReservation(order_id=order_id, product_id=p, quantity=q) for p, q in wanted.items()],
-        using=_db(),
+    StockReservation.objects.using(_db()).bulk_create(
+        [StockReservation(order_id=order_id, product_id=p, quantity=q) for p, q in wanted.items()]
     )
 
 
-def stock_reserve(*, order_id: int, lines: Iterable[Mapping[str, int]]) -> str:
-    """Reserve every line of the order, or none. Returns the order's status here.
+def stock_reserve(*, order_id: int, lines: Any) -> str:
+    """Reserve every line of the order (its message's JSON lines), or none. Returns the order's status here.
 
     Raises StockRefused (after recording why) when any line cannot be had, and
     SagaAborted when the order was already released (the undo came first).
     """
-    wanted = parse_lines(lines)
+    wanted = {line.product: line.quantity for line in step_lines(lines).by_product()}
     # First delivery with enough stock, the usual case: claim the record as
     # reserved and take every line in one transaction (5 statements for one
     # line). A line that cannot be had rolls all of it back, the claim too,

@@ -5,6 +5,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from project.fields import MAX_ID, StrictIntegerField
+from project.lines import InvalidLines, OrderLines
 from project.serializers import InputSerializer
 
 from .models import CancelledOrder, Order, OrderLine
@@ -37,13 +38,12 @@ class OrderCreateInputSerializer(InputSerializer):
         max_length=settings.ORDER_MAX_LINES,
     )
 
-    def validate_lines(self, lines):
-        seen = set()
-        for line in lines:
-            if line["product"] in seen:
-                raise serializers.ValidationError(f"Product {line['product']} appears in more than one line.")
-            seen.add(line["product"])
-        return lines
+    def validate_lines(self, lines) -> OrderLines:
+        """The lines as the typed value order_create takes (project.lines: the rules as a whole)."""
+        try:
+            return OrderLines.parse([dict(line) for line in lines])
+        except InvalidLines as exc:
+            raise serializers.ValidationError(exc.fields["lines"]) from exc
 
 
 class OrderLineOutputSerializer(serializers.ModelSerializer):

@@ -4,15 +4,15 @@ Every sale write is keyed by order id through ReportedOrder, so recording and
 reverting are idempotent and a revert that arrives first makes the record a no-op.
 """
 
-from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
-from project.db import Statement, claim_row, service_db
-from project.saga import InvalidMessage, SagaAborted
+from project.db import claim_row, service_db
+from project.saga import InvalidMessage, SagaAborted, step_lines
 
 from .models import ProductReport, ReportedOrder
 
@@ -38,34 +38,30 @@ def product_sync(*, product_id: int, name: str, version: int, **_: Any) -> None:
 
 
 def parse_sale_lines(lines: Any) -> list[dict[str, Any]]:
-    """JSON ``[{"product", "quantity", "unit_price", "product_name"}, …]`` → counted lines."""
-    if not isinstance(lines, list) or not lines:
-        raise InvalidMessage("lines must be a non-empty list")
+    """JSON ``[{"product", "quantity", "unit_price", "product_name"}, …]`` → counted lines, in product order.
+
+    Product and quantity follow the rules of every step's lines (project.saga.step_lines).
+    """
+    order_lines = step_lines(lines)
+    by_product = {line["product"]: line for line in lines}
     parsed = []
-    for line in lines:
-        if not isinstance(line, Mapping):
-            raise InvalidMessage(f"each line must be an object, got {line!r}")
-        product, quantity = line.get("product"), line.get("quantity")
-        for value in (product, quantity):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise InvalidMessage(f"product and quantity must be positive integers: {dict(line)!r}")
+    for line in order_lines.by_product():
+        raw = by_product[line.product]
         try:
-            unit_price = Decimal(str(line.get("unit_price")))
+            unit_price = Decimal(str(raw.get("unit_price")))
         except InvalidOperation as exc:
-            raise InvalidMessage(f"unit_price is not a number: {dict(line)!r}") from exc
+            raise InvalidMessage(f"unit_price is not a number: {dict(raw)!r}") from exc
         if not unit_price.is_finite() or unit_price < 0:
-            raise InvalidMessage(f"unit_price must be a non-negative number: {dict(line)!r}")
+            raise InvalidMessage(f"unit_price must be a non-negative number: {dict(raw)!r}")
         parsed.append(
             {
-                "product": product,
-                "quantity": quantity,
-                "amount": str(unit_price * quantity),
-                "product_name": str(line.get("product_name") or f"product {product}"),
+                "product": line.product,
+                "quantity": line.quantity,
+                "amount": str(unit_price * line.quantity),
+                "product_name": str(raw.get("product_name") or f"product {line.product}"),
             }
         )
-    if len({line["product"] for line in parsed}) != len(parsed):
-        raise InvalidMessage("a product appears twice")
-    return sorted(parsed, key=lambda line: line["product"])
+    return parsed
 
 
 def _claim(order_id: int, status: str, **values: Any) -> tuple[ReportedOrder, bool]:
@@ -73,23 +69,18 @@ def _claim(order_id: int, status: str, **values: Any) -> tuple[ReportedOrder, bo
     return claim_row(ReportedOrder, using=_db(), order_id=order_id, status=status, **values)
 
 
-# A sale added to (sign +1) or taken out of (-1) its product's totals
-# (project.db.Statement: not compiled anew for each line).
-_COUNT_SALE = Statement(
-    ProductReport,
-    "UPDATE {table} SET {units_sold} = {units_sold} + %s, {orders_count} = {orders_count} + %s,"
-    " {revenue} = {revenue} + %s, {updated_at} = %s WHERE {product_id} = %s",
-    params=["units_sold", "orders_count", "revenue", "updated_at", "product_id"],
-)
-
-
 def _count(lines: list[dict[str, Any]], sign: int) -> list[dict[str, Any]]:
     """Add the lines to their products' totals; returns the lines whose product has no row yet."""
     missing = []
     now = timezone.now()
     for line in lines:  # sorted by product: a consistent lock order
-        amount = sign * Decimal(line["amount"])
-        if not _COUNT_SALE.execute(sign * line["quantity"], sign, amount, now, line["product"], using=_db()):
+        counted = ProductReport.objects.using(_db()).filter(product_id=line["product"])
+        if not counted.update(
+            units_sold=F("units_sold") + sign * line["quantity"],
+            orders_count=F("orders_count") + sign,
+            revenue=F("revenue") + sign * Decimal(line["amount"]),
+            updated_at=now,
+        ):
             missing.append(line)
     return missing
 
