@@ -23,7 +23,15 @@ from project.db import after_commit, claim_row, service_db
 from project.errors import Conflict
 from project.saga import SagaAborted, step_lines
 
-from .exceptions import StockRefused, UnknownProduct
+from .exceptions import (
+    INACTIVE_PRODUCT,
+    INSUFFICIENT_STOCK,
+    UNKNOWN_PRODUCT,
+    StockRefused,
+    UnknownProduct,
+    refusal_item,
+    refusal_text,
+)
 from .models import OrderReservation, Product, StockReservation
 
 logger = logging.getLogger(__name__)
@@ -88,7 +96,10 @@ def stock_adjust(*, product_id: int, delta: int) -> Product:
         if not rows.update(stock=F("stock") + delta):
             if not Product.objects.using(_db()).filter(pk=product_id).exists():
                 raise UnknownProduct(f"unknown product {product_id}")
-            raise StockRefused([f"cannot remove {-delta} units of product {product_id}: not in stock"])
+            raise StockRefused(
+                [refusal_item(product_id, INSUFFICIENT_STOCK, wanted=-delta)],
+                text=f"cannot remove {-delta} units of product {product_id}: not in stock",
+            )
     return Product.objects.using(_db()).get(pk=product_id)
 
 
@@ -96,7 +107,7 @@ def stock_adjust(*, product_id: int, delta: int) -> Product:
 
 
 class _Shortfall(Exception):
-    pass
+    """A line's conditional UPDATE changed nothing; the argument is its refusal item."""
 
 
 def _claim(order_id: int, status: str, reason: str = "") -> tuple[OrderReservation, bool]:
@@ -109,17 +120,18 @@ def _claim(order_id: int, status: str, reason: str = "") -> tuple[OrderReservati
     return claim_row(OrderReservation, using=_db(), order_id=order_id, status=status, reason=reason)
 
 
-def _shortfalls(wanted: dict[int, int]) -> list[str]:
+def _shortfalls(wanted: dict[int, int]) -> list[dict[str, Any]]:
+    """Lock the order's products in key order and say which lines cannot be had (refusal items)."""
     products = {p.pk: p for p in Product.objects.using(_db()).select_for_update().filter(pk__in=wanted).order_by("pk")}
     problems = []
     for product_id, quantity in wanted.items():
         product = products.get(product_id)
         if product is None:
-            problems.append(f"unknown product {product_id}")
+            problems.append(refusal_item(product_id, UNKNOWN_PRODUCT))
         elif not product.active:
-            problems.append(f"product {product_id} ({product.sku}) is not on sale")
+            problems.append(refusal_item(product_id, INACTIVE_PRODUCT, sku=product.sku))
         elif product.stock < quantity:
-            problems.append(f"insufficient stock for product {product_id}: wanted {quantity}, have {product.stock}")
+            problems.append(refusal_item(product_id, INSUFFICIENT_STOCK, wanted=quantity, available=product.stock))
     return problems
 
 
@@ -128,7 +140,7 @@ def _take(order_id: int, wanted: dict[int, int]) -> None:
     products = Product.objects.using(_db())
     for product_id, quantity in wanted.items():
         if not products.filter(pk=product_id, active=True, stock__gte=quantity).update(stock=F("stock") - quantity):
-            raise _Shortfall(f"insufficient stock for product {product_id}: wanted {quantity}")
+            raise _Shortfall(refusal_item(product_id, INSUFFICIENT_STOCK, wanted=quantity))
     StockReservation.objects.using(_db()).bulk_create(
         [StockReservation(order_id=order_id, product_id=p, quantity=q) for p, q in wanted.items()]
     )
@@ -157,7 +169,8 @@ def stock_reserve(*, order_id: int, lines: Any) -> str:
         if record.status == RELEASED:
             raise SagaAborted(f"stock for order {order_id} was already released")
         if record.status == REFUSED:
-            refusal = StockRefused(record.reason.split("; ") if record.reason else ["refused"])
+            # Refused before: the same refusal again (a record older than `refusal` has its text only).
+            refusal = StockRefused(record.refusal, text=None if record.refusal else record.reason or "refused")
         else:
             # Rows locked in primary-key order, then checked: what is found
             # wanting is the reason; if stock came back meanwhile, it is taken.
@@ -167,10 +180,11 @@ def stock_reserve(*, order_id: int, lines: Any) -> str:
                     with transaction.atomic(using=_db()):  # a savepoint: all lines or none
                         _take(order_id, wanted)
                 except _Shortfall as exc:
-                    problems = [str(exc)]
+                    problems = [exc.args[0]]
             record.status = REFUSED if problems else RESERVED
-            record.reason = "; ".join(problems)
-            record.save(using=_db(), update_fields=["status", "reason", "updated_at"])
+            record.refusal = problems
+            record.reason = refusal_text(problems)  # for people, and for readers of the text
+            record.save(using=_db(), update_fields=["status", "refusal", "reason", "updated_at"])
             if not problems:
                 return RESERVED
             refusal = StockRefused(problems)

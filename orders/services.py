@@ -238,6 +238,8 @@ def order_delete(*, order_id: int) -> CancelledOrder | None:
                 for line in order.lines.all()
             ],
             reason=_cancel_reason(order),
+            # A user's or the sweeper's cancel is the reason even if a step failed too.
+            refusal=[] if order.cancel_reason else inventory.order_refusal(order.pk),
             status_before=order.cancelled_from or order.status,
             dispatch_attempts=order.dispatch_attempts,
             created_at=order.created_at,

@@ -477,6 +477,7 @@ def test_reason_is_the_inventory_refusal(user, make_product):
     cancelled = compensate_and_delete(order.pk)
 
     assert cancelled.reason == f"insufficient stock for product {product.pk}: wanted 3, have 1"
+    assert cancelled.refusal == [{"product": product.pk, "code": "insufficient_stock", "wanted": 3, "available": 1}]
 
 
 def test_reason_asked_for_wins_over_the_steps_reasons(user, make_product):
@@ -489,6 +490,7 @@ def test_reason_asked_for_wins_over_the_steps_reasons(user, make_product):
     cancelled = compensate_and_delete(order.pk)
 
     assert cancelled.reason == services.USER_CANCEL_REASON
+    assert cancelled.refusal == []
 
 
 def test_reason_is_inventory_note_then_reports_note(user, make_product):
