@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from inventory import public as inventory
 from project import faults
-from project.db import after_commit, service_db
+from project.db import Statement, after_commit, service_db
 from project.errors import Conflict, InvalidInput
 from project.lines import InvalidLines, OrderLines
 from project.saga import SagaAborted
@@ -155,6 +155,15 @@ def order_create(*, user: AbstractBaseUser, lines: OrderLines | Any, idempotency
     return PlacedOrder(order=order, cancelled=None, created=True)
 
 
+# pending → confirmed: ``filter(pk=…, status=PENDING).update(…)``, its SQL built
+# once (project.db.Statement; the A/B in docs/performance.md).
+_CONFIRM = Statement(
+    Order,
+    "UPDATE {table} SET {status} = %s, {confirmed_at} = %s, {updated_at} = %s WHERE {id} = %s AND {status} = %s",
+    params=["status", "confirmed_at", "updated_at", "id", "status"],
+)
+
+
 def order_confirm(*, order_id: int) -> str:
     """The saga's last step: pending → confirmed. A no-op when already confirmed.
 
@@ -162,8 +171,7 @@ def order_confirm(*, order_id: int) -> str:
     changed nothing is the order read to tell a duplicate from an abort.
     """
     now = timezone.now()
-    pending = Order.objects.using(_db()).filter(pk=order_id, status=PENDING)
-    if pending.update(status=CONFIRMED, confirmed_at=now, updated_at=now):
+    if _CONFIRM.execute(CONFIRMED, now, now, order_id, PENDING, using=_db()):
         return CONFIRMED
     if Order.objects.using(_db()).filter(pk=order_id, status=CONFIRMED).exists():
         return CONFIRMED

@@ -8,10 +8,9 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from django.db import transaction
-from django.db.models import F
 from django.utils import timezone
 
-from project.db import claim_row, service_db
+from project.db import Statement, claim_row, service_db
 from project.saga import InvalidMessage, SagaAborted, step_lines
 
 from .models import ProductReport, ReportedOrder
@@ -69,18 +68,24 @@ def _claim(order_id: int, status: str, **values: Any) -> tuple[ReportedOrder, bo
     return claim_row(ReportedOrder, using=_db(), order_id=order_id, status=status, **values)
 
 
+# A sale added to (sign +1) or taken out of (-1) its product's totals:
+# ``filter(product_id=…).update(units_sold=F("units_sold") + n, …)``, its SQL
+# built once (project.db.Statement; the A/B in docs/performance.md).
+_COUNT_SALE = Statement(
+    ProductReport,
+    "UPDATE {table} SET {units_sold} = {units_sold} + %s, {orders_count} = {orders_count} + %s,"
+    " {revenue} = {revenue} + %s, {updated_at} = %s WHERE {product_id} = %s",
+    params=["units_sold", "orders_count", "revenue", "updated_at", "product_id"],
+)
+
+
 def _count(lines: list[dict[str, Any]], sign: int) -> list[dict[str, Any]]:
     """Add the lines to their products' totals; returns the lines whose product has no row yet."""
     missing = []
     now = timezone.now()
     for line in lines:  # sorted by product: a consistent lock order
-        counted = ProductReport.objects.using(_db()).filter(product_id=line["product"])
-        if not counted.update(
-            units_sold=F("units_sold") + sign * line["quantity"],
-            orders_count=F("orders_count") + sign,
-            revenue=F("revenue") + sign * Decimal(line["amount"]),
-            updated_at=now,
-        ):
+        amount = sign * Decimal(line["amount"])
+        if not _COUNT_SALE.execute(sign * line["quantity"], sign, amount, now, line["product"], using=_db()):
             missing.append(line)
     return missing
 

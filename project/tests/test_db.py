@@ -1,14 +1,55 @@
-"""project.db.claim_row: one INSERT … ON CONFLICT DO NOTHING says whether the row is new."""
+"""project.db: statements built once (names from the model, values prepared by its fields), and claim_row."""
+
+from decimal import Decimal
 
 import pytest
-from django.db import transaction
+from django.core.exceptions import FieldDoesNotExist
+from django.db import connections, transaction
+from django.utils import timezone
 
-from inventory.models import OrderReservation
-from project.db import claim_row, service_db
+from inventory.models import OrderReservation, Product
+from project.db import Statement, claim_row, service_db
 
 pytestmark = pytest.mark.django_db
 
 DB = service_db("inventory")
+
+RENAME = Statement(
+    Product,
+    "UPDATE {table} SET {name} = %s, {price} = {price} + %s, {updated_at} = %s WHERE {id} = %s",
+    params=["name", "price", "updated_at", "id"],
+)
+
+
+def test_a_statement_quotes_the_models_names_and_counts_the_rows_it_changed():
+    product = Product.objects.using(DB).create(sku="s-1", name="Old", price=Decimal("1.10"), stock=3)
+    later = timezone.now()
+
+    assert RENAME.sql(connections[DB]) == (
+        f'UPDATE "{Product._meta.db_table}" SET "name" = %s, "price" = "price" + %s, "updated_at" = %s WHERE "id" = %s'
+    )
+    assert RENAME.execute("New; DROP TABLE x", Decimal("0.15"), later, product.pk, using=DB) == 1
+    assert RENAME.execute("Nobody", Decimal("1"), later, product.pk + 1000, using=DB) == 0
+
+    product.refresh_from_db(using=DB)
+    assert (product.name, product.price, product.updated_at, product.stock) == (
+        "New; DROP TABLE x",
+        Decimal("1.25"),
+        later,
+        3,
+    )
+
+
+def test_a_statement_with_a_misspelt_name_fails_when_it_is_built():
+    with pytest.raises(KeyError):
+        Statement(Product, "UPDATE {table} SET {stok} = %s WHERE {id} = %s", params=["stock", "id"])
+    with pytest.raises(FieldDoesNotExist):
+        Statement(Product, "UPDATE {table} SET {stock} = %s WHERE {id} = %s", params=["stok", "id"])
+
+
+def test_a_statement_takes_one_value_per_parameter():
+    with pytest.raises(ValueError, match="zip"):
+        RENAME.execute("New", Decimal("1"), timezone.now(), using=DB)
 
 
 def test_claim_row_inserts_a_new_row_in_one_statement_and_finds_an_existing_one(django_assert_num_queries):
