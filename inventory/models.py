@@ -44,7 +44,11 @@ class OrderReservation(models.Model):
 
     order_id = models.BigIntegerField(primary_key=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.NEW)
+    # Why, for people: the refusal as text, or a step's failure note.
     reason = models.TextField(blank=True)
+    # Why, as data, when refused: [{"product", "code", "wanted", "available"}, …]
+    # (inventory.exceptions; empty for rows older than it and for failure notes).
+    refusal = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

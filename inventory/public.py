@@ -31,6 +31,12 @@ def order_failure_reason(order_id: int) -> str:
     return record.reason if record else ""
 
 
+def order_refusal(order_id: int) -> list[dict]:
+    """Why inventory refused this order, as data (inventory.exceptions.refusal_item), or []."""
+    record = OrderReservation.objects.using(service_db("inventory")).filter(order_id=order_id).first()
+    return list(record.refusal) if record else []
+
+
 def active_units_by_product() -> dict[int, int]:
     rows = (
         StockReservation.objects.using(service_db("inventory"))

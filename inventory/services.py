@@ -11,7 +11,6 @@ by order id through OrderReservation, so each step and undo is idempotent.
 
 import contextlib
 import logging
-from collections.abc import Iterable, Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -20,11 +19,19 @@ from django.db.models import F
 from django.utils import timezone
 
 from project.celery import app
-from project.db import Statement, after_commit, claim_row, insert_rows, service_db
+from project.db import Statement, after_commit, claim_row, service_db
 from project.errors import Conflict
-from project.saga import InvalidMessage, SagaAborted
+from project.saga import SagaAborted, step_lines
 
-from .exceptions import StockRefused, UnknownProduct
+from .exceptions import (
+    INACTIVE_PRODUCT,
+    INSUFFICIENT_STOCK,
+    UNKNOWN_PRODUCT,
+    StockRefused,
+    UnknownProduct,
+    refusal_item,
+    refusal_text,
+)
 from .models import OrderReservation, Product, StockReservation
 
 logger = logging.getLogger(__name__)
@@ -89,7 +96,10 @@ def stock_adjust(*, product_id: int, delta: int) -> Product:
         if not rows.update(stock=F("stock") + delta):
             if not Product.objects.using(_db()).filter(pk=product_id).exists():
                 raise UnknownProduct(f"unknown product {product_id}")
-            raise StockRefused([f"cannot remove {-delta} units of product {product_id}: not in stock"])
+            raise StockRefused(
+                [refusal_item(product_id, INSUFFICIENT_STOCK, wanted=-delta)],
+                text=f"cannot remove {-delta} units of product {product_id}: not in stock",
+            )
     return Product.objects.using(_db()).get(pk=product_id)
 
 
@@ -97,25 +107,7 @@ def stock_adjust(*, product_id: int, delta: int) -> Product:
 
 
 class _Shortfall(Exception):
-    pass
-
-
-def parse_lines(lines: Any) -> dict[int, int]:
-    """JSON lines ``[{"product": id, "quantity": n}, …]`` → {product id: quantity}."""
-    if not isinstance(lines, list) or not lines:
-        raise InvalidMessage("lines must be a non-empty list")
-    wanted: dict[int, int] = {}
-    for line in lines:
-        if not isinstance(line, Mapping):
-            raise InvalidMessage(f"each line must be an object, got {line!r}")
-        product, quantity = line.get("product"), line.get("quantity")
-        for value in (product, quantity):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise InvalidMessage(f"product and quantity must be positive integers: {dict(line)!r}")
-        if product in wanted:
-            raise InvalidMessage(f"product {product} appears twice")
-        wanted[product] = quantity
-    return dict(sorted(wanted.items()))
+    """A line's conditional UPDATE changed nothing; the argument is its refusal item."""
 
 
 def _claim(order_id: int, status: str, reason: str = "") -> tuple[OrderReservation, bool]:
@@ -128,22 +120,24 @@ def _claim(order_id: int, status: str, reason: str = "") -> tuple[OrderReservati
     return claim_row(OrderReservation, using=_db(), order_id=order_id, status=status, reason=reason)
 
 
-def _shortfalls(wanted: dict[int, int]) -> list[str]:
+def _shortfalls(wanted: dict[int, int]) -> list[dict[str, Any]]:
+    """Lock the order's products in key order and say which lines cannot be had (refusal items)."""
     products = {p.pk: p for p in Product.objects.using(_db()).select_for_update().filter(pk__in=wanted).order_by("pk")}
     problems = []
     for product_id, quantity in wanted.items():
         product = products.get(product_id)
         if product is None:
-            problems.append(f"unknown product {product_id}")
+            problems.append(refusal_item(product_id, UNKNOWN_PRODUCT))
         elif not product.active:
-            problems.append(f"product {product_id} ({product.sku}) is not on sale")
+            problems.append(refusal_item(product_id, INACTIVE_PRODUCT, sku=product.sku))
         elif product.stock < quantity:
-            problems.append(f"insufficient stock for product {product_id}: wanted {quantity}, have {product.stock}")
+            problems.append(refusal_item(product_id, INSUFFICIENT_STOCK, wanted=quantity, available=product.stock))
     return problems
 
 
-# The conditional take of every reservation, as the ORM would write it without
-# compiling it anew for each line (project.db.Statement).
+# The conditional take of every line: ``filter(pk=…, active=True, stock__gte=n)
+# .update(stock=F("stock") - n)``, its SQL built once (project.db.Statement; the
+# A/B in docs/performance.md).
 _TAKE_STOCK = Statement(
     Product,
     "UPDATE {table} SET {stock} = {stock} - %s WHERE {id} = %s AND {active} = %s AND {stock} >= %s",
@@ -152,23 +146,22 @@ _TAKE_STOCK = Statement(
 
 
 def _take(order_id: int, wanted: dict[int, int]) -> None:
+    """Take every line with a conditional UPDATE (it locks the row), then write the reservation rows."""
     for product_id, quantity in wanted.items():
         if not _TAKE_STOCK.execute(quantity, product_id, True, quantity, using=_db()):
-            raise _Shortfall(f"insufficient stock for product {product_id}: wanted {quantity}")
-    insert_rows(
-        StockReservation,
-        [StockReservation(order_id=order_id, product_id=p, quantity=q) for p, q in wanted.items()],
-        using=_db(),
+            raise _Shortfall(refusal_item(product_id, INSUFFICIENT_STOCK, wanted=quantity))
+    StockReservation.objects.using(_db()).bulk_create(
+        [StockReservation(order_id=order_id, product_id=p, quantity=q) for p, q in wanted.items()]
     )
 
 
-def stock_reserve(*, order_id: int, lines: Iterable[Mapping[str, int]]) -> str:
-    """Reserve every line of the order, or none. Returns the order's status here.
+def stock_reserve(*, order_id: int, lines: Any) -> str:
+    """Reserve every line of the order (its message's JSON lines), or none. Returns the order's status here.
 
     Raises StockRefused (after recording why) when any line cannot be had, and
     SagaAborted when the order was already released (the undo came first).
     """
-    wanted = parse_lines(lines)
+    wanted = {line.product: line.quantity for line in step_lines(lines).by_product()}
     # First delivery with enough stock, the usual case: claim the record as
     # reserved and take every line in one transaction (5 statements for one
     # line). A line that cannot be had rolls all of it back, the claim too,
@@ -185,7 +178,8 @@ def stock_reserve(*, order_id: int, lines: Iterable[Mapping[str, int]]) -> str:
         if record.status == RELEASED:
             raise SagaAborted(f"stock for order {order_id} was already released")
         if record.status == REFUSED:
-            refusal = StockRefused(record.reason.split("; ") if record.reason else ["refused"])
+            # Refused before: the same refusal again (a record older than `refusal` has its text only).
+            refusal = StockRefused(record.refusal, text=None if record.refusal else record.reason or "refused")
         else:
             # Rows locked in primary-key order, then checked: what is found
             # wanting is the reason; if stock came back meanwhile, it is taken.
@@ -195,10 +189,11 @@ def stock_reserve(*, order_id: int, lines: Iterable[Mapping[str, int]]) -> str:
                     with transaction.atomic(using=_db()):  # a savepoint: all lines or none
                         _take(order_id, wanted)
                 except _Shortfall as exc:
-                    problems = [str(exc)]
+                    problems = [exc.args[0]]
             record.status = REFUSED if problems else RESERVED
-            record.reason = "; ".join(problems)
-            record.save(using=_db(), update_fields=["status", "reason", "updated_at"])
+            record.refusal = problems
+            record.reason = refusal_text(problems)  # for people, and for readers of the text
+            record.save(using=_db(), update_fields=["status", "refusal", "reason", "updated_at"])
             if not problems:
                 return RESERVED
             refusal = StockRefused(problems)

@@ -146,7 +146,7 @@ class OrderListCreateApi(APIView):
         payload.is_valid(raise_exception=True)
         placed = services.order_create(
             user=request.user,
-            lines=[dict(line) for line in payload.validated_data["lines"]],
+            lines=payload.validated_data["lines"],
             idempotency_key=request.headers.get("Idempotency-Key"),
         )
         if placed.cancelled is not None:

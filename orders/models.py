@@ -99,7 +99,10 @@ class CancelledOrder(models.Model):
     request_fingerprint = models.CharField(max_length=64, blank=True)
     # [{"product", "product_name", "unit_price", "quantity"}, …]
     lines = models.JSONField(default=list)
+    # Why, for people; and, when inventory refused the stock, why as data:
+    # [{"product", "code", "wanted", "available"}, …] (inventory.exceptions).
     reason = models.TextField()
+    refusal = models.JSONField(default=list, blank=True)
     status_before = models.CharField(max_length=16)
     dispatch_attempts = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField()

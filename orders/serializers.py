@@ -5,6 +5,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from project.fields import MAX_ID, StrictIntegerField
+from project.lines import InvalidLines, OrderLines
 from project.serializers import InputSerializer
 
 from .models import CancelledOrder, Order, OrderLine
@@ -37,13 +38,12 @@ class OrderCreateInputSerializer(InputSerializer):
         max_length=settings.ORDER_MAX_LINES,
     )
 
-    def validate_lines(self, lines):
-        seen = set()
-        for line in lines:
-            if line["product"] in seen:
-                raise serializers.ValidationError(f"Product {line['product']} appears in more than one line.")
-            seen.add(line["product"])
-        return lines
+    def validate_lines(self, lines) -> OrderLines:
+        """The lines as the typed value order_create takes (project.lines: the rules as a whole)."""
+        try:
+            return OrderLines.parse([dict(line) for line in lines])
+        except InvalidLines as exc:
+            raise serializers.ValidationError(exc.fields["lines"]) from exc
 
 
 class OrderLineOutputSerializer(serializers.ModelSerializer):
@@ -84,15 +84,29 @@ class CancelledOrderLineOutputSerializer(serializers.Serializer):
     quantity = serializers.IntegerField()
 
 
+class RefusalItemOutputSerializer(serializers.Serializer):
+    """One line inventory could not reserve, as data (`reason` says the same in words)."""
+
+    product = serializers.IntegerField()
+    code = serializers.ChoiceField(choices=["insufficient_stock", "unknown_product", "inactive_product"])
+    wanted = serializers.IntegerField(required=False, help_text="Units the order asked for.")
+    available = serializers.IntegerField(required=False, help_text="Units in stock when it was refused.")
+
+
 class CancelledOrderOutputSerializer(serializers.ModelSerializer):
     id = serializers.IntegerField(source="order_id", read_only=True)
     status = serializers.SerializerMethodField()
     user = serializers.CharField(source="username", read_only=True)
     lines = CancelledOrderLineOutputSerializer(many=True, read_only=True)
+    refusal = RefusalItemOutputSerializer(
+        many=True,
+        read_only=True,
+        help_text="When inventory refused the stock: why, line by line (empty otherwise).",
+    )
 
     class Meta:
         model = CancelledOrder
-        fields = ["id", "status", "reason", "user", "lines", "created_at", "cancelled_at"]
+        fields = ["id", "status", "reason", "refusal", "user", "lines", "created_at", "cancelled_at"]
         read_only_fields = fields
 
     @extend_schema_field({"type": "string", "enum": ["cancelled"]})

@@ -9,7 +9,6 @@ older than the saga timeout, then compensates them.
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -22,8 +21,9 @@ from django.utils import timezone
 
 from inventory import public as inventory
 from project import faults
-from project.db import Statement, after_commit, insert_rows, service_db
+from project.db import Statement, after_commit, service_db
 from project.errors import Conflict, InvalidInput
+from project.lines import InvalidLines, OrderLines
 from project.saga import SagaAborted
 from reports import public as reports
 
@@ -36,7 +36,6 @@ PENDING = Order.Status.PENDING
 CONFIRMED = Order.Status.CONFIRMED
 CANCELLING = Order.Status.CANCELLING
 USER_CANCEL_REASON = "cancelled by user"
-MAX_PRODUCT_ID = 2**63 - 1  # inventory's ids are 64-bit (BigAutoField)
 
 
 def _db() -> str:
@@ -50,43 +49,6 @@ class PlacedOrder:
     order: Order | None
     cancelled: CancelledOrder | None
     created: bool
-
-
-def _validate_lines(lines: Any) -> dict[int, int]:
-    """Check the request's lines as a whole; field errors are keyed by line index."""
-    if not isinstance(lines, list) or not lines:
-        raise InvalidInput("An order needs at least one line.", fields={"lines": ["At least one line is required."]})
-    if len(lines) > settings.ORDER_MAX_LINES:
-        raise InvalidInput(
-            "Too many lines.",
-            fields={"lines": [f"At most {settings.ORDER_MAX_LINES} lines per order."]},
-        )
-    wanted: dict[int, int] = {}
-    errors: dict[str, dict[str, list[str]]] = {}
-    for index, line in enumerate(lines):
-        line_errors: dict[str, list[str]] = {}
-        if not isinstance(line, Mapping):
-            errors[str(index)] = {"non_field_errors": ["Each line must be an object."]}
-            continue
-        product, quantity = line.get("product"), line.get("quantity")
-        # Bounded like the id column: a larger int overflows SQLite's driver (a 500) in the lookup.
-        if isinstance(product, bool) or not isinstance(product, int) or not 0 < product <= MAX_PRODUCT_ID:
-            line_errors["product"] = ["A product id (positive integer) is required."]
-        elif product in wanted:
-            line_errors["product"] = [f"Product {product} appears in more than one line."]
-        if (
-            isinstance(quantity, bool)
-            or not isinstance(quantity, int)
-            or not (1 <= quantity <= settings.ORDER_MAX_QUANTITY)
-        ):
-            line_errors["quantity"] = [f"An integer from 1 to {settings.ORDER_MAX_QUANTITY} is required."]
-        if line_errors:
-            errors[str(index)] = line_errors
-        else:
-            wanted[product] = quantity
-    if errors:
-        raise InvalidInput("Some lines are not valid.", fields={"lines": errors})
-    return wanted
 
 
 def _fingerprint(wanted: dict[int, int]) -> str:
@@ -122,9 +84,19 @@ def _dispatch(order: Order, lines: list[OrderLine] | None = None) -> None:
     after_commit(_db(), _publish, order_saga(order, lines), order.pk, robust=True)
 
 
-def order_create(*, user: AbstractBaseUser, lines: Any, idempotency_key: str | None = None) -> PlacedOrder:
-    """Validate, commit a pending order with price/name snapshots, then start the saga."""
-    wanted = _validate_lines(lines)
+def order_create(*, user: AbstractBaseUser, lines: OrderLines | Any, idempotency_key: str | None = None) -> PlacedOrder:
+    """Commit a pending order with price/name snapshots, then start the saga.
+
+    `lines` is the OrderLines the edge built (the API's serializer); anything
+    else (the admin's form, the bench: JSON-like lines) is parsed into one
+    here, by the same rules, and refused with InvalidInput.
+    """
+    if not isinstance(lines, OrderLines):
+        try:
+            lines = OrderLines.parse(lines)
+        except InvalidLines as exc:
+            raise InvalidInput(exc.message, fields=exc.fields) from exc
+    wanted = lines.as_dict()
     fingerprint = _fingerprint(wanted)
     if idempotency_key is not None:
         if not idempotency_key or len(idempotency_key) > 255:
@@ -149,22 +121,16 @@ def order_create(*, user: AbstractBaseUser, lines: Any, idempotency_key: str | N
 
     try:
         with transaction.atomic(using=_db()):
-            # Two INSERTs without the ORM's query building (project.db.insert_rows).
-            (order,) = insert_rows(
-                Order,
-                [
-                    Order(
-                        user=user,
-                        idempotency_key=idempotency_key,
-                        request_fingerprint=fingerprint,
-                        dispatch_attempts=1,
-                        last_dispatched_at=timezone.now(),
-                    )
-                ],
-                using=_db(),
+            order = Order(
+                user=user,
+                idempotency_key=idempotency_key,
+                request_fingerprint=fingerprint,
+                dispatch_attempts=1,
+                last_dispatched_at=timezone.now(),
             )
-            created_lines = insert_rows(
-                OrderLine,
+            order.save(using=_db(), force_insert=True)
+            # bulk_create reads the new keys back (RETURNING) on PostgreSQL and SQLite alike.
+            created_lines = OrderLine.objects.using(_db()).bulk_create(
                 [
                     OrderLine(
                         order=order,
@@ -174,8 +140,7 @@ def order_create(*, user: AbstractBaseUser, lines: Any, idempotency_key: str | N
                         quantity=quantity,
                     )
                     for product_id, quantity in wanted.items()
-                ],
-                using=_db(),
+                ]
             )
             _dispatch(order, created_lines)
     except IntegrityError:
@@ -187,18 +152,11 @@ def order_create(*, user: AbstractBaseUser, lines: Any, idempotency_key: str | N
             raise
         return replay
     logger.info("order %s placed by %s: %s", order.pk, user, wanted)
-    # What callers show next (the API's 202 body) reads order.lines: hand them the
-    # rows just written, filled in as prefetch_related("lines") fills them, instead
-    # of one more query. Anything but .all() (a filter, .get()) still queries.
-    lines = order.lines.all()
-    lines._result_cache = sorted(created_lines, key=lambda line: line.product_id)
-    lines._prefetch_done = True
-    order._prefetched_objects_cache = {"lines": lines}
     return PlacedOrder(order=order, cancelled=None, created=True)
 
 
-# pending → confirmed, as the ORM's filter().update() would write it without
-# compiling it anew for every order (project.db.Statement).
+# pending → confirmed: ``filter(pk=…, status=PENDING).update(…)``, its SQL built
+# once (project.db.Statement; the A/B in docs/performance.md).
 _CONFIRM = Statement(
     Order,
     "UPDATE {table} SET {status} = %s, {confirmed_at} = %s, {updated_at} = %s WHERE {id} = %s AND {status} = %s",
@@ -288,6 +246,8 @@ def order_delete(*, order_id: int) -> CancelledOrder | None:
                 for line in order.lines.all()
             ],
             reason=_cancel_reason(order),
+            # A user's or the sweeper's cancel is the reason even if a step failed too.
+            refusal=[] if order.cancel_reason else inventory.order_refusal(order.pk),
             status_before=order.cancelled_from or order.status,
             dispatch_attempts=order.dispatch_attempts,
             created_at=order.created_at,

@@ -33,9 +33,11 @@ def after_commit(using: str, func: Callable[..., Any], /, *args: Any, robust: bo
 class Statement:
     """One SQL statement on one model's table, its text built once per database.
 
-    For the saga's hottest writes only. The ORM builds and compiles a query on
-    every call: 0.2–0.45 ms of CPU for each of these statements on the bench
-    machine, against 0.06 ms to run the same SQL (docs/performance.md). The
+    For the saga's three conditional UPDATEs only (stock taken, sale counted,
+    order confirmed): the ORM builds and compiles ``filter().update(F(…))``
+    on every call, 0.35–0.7 ms of CPU against 0.06–0.09 ms to run the same
+    SQL, and the same-run A/B in docs/performance.md ("ORM or statements
+    built once") measured the ORM forms 15 % slower end to end. The
     template names the table as ``{table}`` and columns by field name
     (``{stock}``, ``{product_id}``), filled in quoted from the model's metadata;
     every value is a parameter, prepared by the field `params` names for it as
@@ -71,7 +73,7 @@ class Statement:
 
 
 def _insert_sql(model: type[Model], connection: BaseDatabaseWrapper, rows: list[Model], *, with_pk: bool):
-    """One INSERT of the instances `rows`, auto_now fields set as save() sets them: SQL and parameters."""
+    """claim_row's INSERT of the instances `rows`, auto_now fields set as save() sets them: SQL and parameters."""
     now = timezone.now()
     fields = [f for f in model._meta.concrete_fields if with_pk or not f.primary_key]
     params = []
@@ -87,28 +89,6 @@ def _insert_sql(model: type[Model], connection: BaseDatabaseWrapper, rows: list[
     return f"INSERT INTO {quote(model._meta.db_table)} ({columns}) VALUES {values}", params  # noqa: S608
 
 
-def insert_rows(model: type[Model], rows: list[Model], *, using: str) -> list[Model]:
-    """``bulk_create`` for the saga's hot path: one INSERT without the ORM's query building.
-
-    For models whose primary key the database assigns. Defaults come from the
-    instances and auto_now fields are set as ``save()`` sets them; the keys
-    are read back (``RETURNING``, PostgreSQL and SQLite alike) into the rows,
-    which are returned as saved.
-    """
-    connection = connections[using]
-    sql, params = _insert_sql(model, connection, rows, with_pk=False)
-    pk = model._meta.pk
-    with connection.cursor() as cursor:
-        cursor.execute(f"{sql} RETURNING {connection.ops.quote_name(pk.column)}", params)
-        keys = [key for (key,) in cursor.fetchall()]
-    # Both databases return the keys of a multi-row VALUES in its order (as bulk_create relies on).
-    for row, key in zip(rows, keys, strict=True):
-        setattr(row, pk.attname, key)
-        row._state.adding = False
-        row._state.db = using
-    return rows
-
-
 def claim_row(model: type[Model], *, using: str, **values: Any) -> tuple[Model, bool]:
     """Insert `model`'s row keyed by its primary key unless it exists; return it locked, and whether it is new.
 
@@ -117,6 +97,16 @@ def claim_row(model: type[Model], *, using: str, **values: Any) -> tuple[Model, 
     is this transaction's own until commit, and a concurrent claim of the same
     key waits for that commit. Only an existing row costs a second statement,
     ``SELECT … FOR UPDATE``. Call it inside ``transaction.atomic(using=using)``.
+
+    Why not the ORM: it has no one-statement way to say whether a row is new.
+    ``get_or_create`` reads first (a SELECT, then an INSERT in a savepoint,
+    then a SELECT again after an IntegrityError when two deliveries race);
+    ``bulk_create(ignore_conflicts=True)`` writes the row but neither returns
+    its key nor says whether it inserted it. The saga's first delivery of
+    every step would pay two to four statements instead of one, and the
+    statement-count tests (inventory, reports: test_a_first_…) hold it to one.
+    The SQL is still the ORM's vocabulary: table, columns and values come
+    from the model's metadata and are prepared by its fields.
     """
     connection = connections[using]
     row = model(**values)

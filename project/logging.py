@@ -15,14 +15,19 @@ from typing import Any
 
 from celery.signals import after_setup_logger, after_setup_task_logger
 
+from project.lines import NotPositiveInt, positive_int
+
 # Attributes every LogRecord has; anything else on a record came from `extra=`
 # or a filter and is written as a field of its own.
 _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 CONTEXT_FIELDS = ("task_name", "task_id", "order_id", "saga_step")
 
 
-def _positive_int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+def _order_id(value: Any) -> int | None:
+    try:
+        return positive_int(value, "order_id")
+    except NotPositiveInt:
+        return None
 
 
 def task_context() -> dict[str, Any]:
@@ -36,7 +41,7 @@ def task_context() -> dict[str, Any]:
     context: dict[str, Any] = {"task_name": task.name, "task_id": request.id}
     kwargs = request.kwargs if isinstance(request.kwargs, dict) else {}
     args = request.args if isinstance(request.args, list | tuple) else ()
-    order_id = _positive_int(kwargs.get("order_id", args[0] if args else None))
+    order_id = _order_id(kwargs.get("order_id", args[0] if args else None))
     if order_id is not None:
         context["order_id"] = order_id
     from project.saga import SagaStep  # imported late: this module loads while settings are configured
@@ -53,7 +58,7 @@ def _worker_event_context(data: Any) -> dict[str, Any]:
         return {}
     context: dict[str, Any] = {"task_name": data["name"], "task_id": data["id"]}
     kwargs = data.get("kwargs")
-    order_id = _positive_int(kwargs.get("order_id")) if isinstance(kwargs, dict) else None
+    order_id = _order_id(kwargs.get("order_id")) if isinstance(kwargs, dict) else None
     if order_id is not None:
         context["order_id"] = order_id
     return context

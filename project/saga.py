@@ -30,6 +30,7 @@ from kombu.exceptions import OperationalError as BrokerOperationalError
 
 from project import faults
 from project.errors import ApplicationError
+from project.lines import InvalidLines, NotPositiveInt, OrderLines, positive_int
 
 logger = logging.getLogger("orderflow.saga")
 
@@ -60,10 +61,23 @@ def backoff_seconds(retries: int) -> float:
     return random.uniform(ceiling / 2, ceiling)
 
 
+# --- parsing a step's JSON message (one parser for every step) ---------------------
+
+
 def order_id_arg(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise InvalidMessage(f"order_id must be a positive integer, got {value!r}")
-    return value
+    """A message's order id, or InvalidMessage (the step rejects the message)."""
+    try:
+        return positive_int(value, "order_id")
+    except NotPositiveInt as exc:
+        raise InvalidMessage(str(exc)) from exc
+
+
+def step_lines(data: Any) -> OrderLines:
+    """A message's ``lines`` as OrderLines (the rules of project.lines), or InvalidMessage saying why."""
+    try:
+        return OrderLines.parse(data)
+    except InvalidLines as exc:
+        raise InvalidMessage(exc.problem) from exc
 
 
 class SagaStep(Task):

@@ -4,7 +4,6 @@ Every sale write is keyed by order id through ReportedOrder, so recording and
 reverting are idempotent and a revert that arrives first makes the record a no-op.
 """
 
-from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -12,7 +11,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from project.db import Statement, claim_row, service_db
-from project.saga import InvalidMessage, SagaAborted
+from project.saga import InvalidMessage, SagaAborted, step_lines
 
 from .models import ProductReport, ReportedOrder
 
@@ -38,34 +37,30 @@ def product_sync(*, product_id: int, name: str, version: int, **_: Any) -> None:
 
 
 def parse_sale_lines(lines: Any) -> list[dict[str, Any]]:
-    """JSON ``[{"product", "quantity", "unit_price", "product_name"}, …]`` → counted lines."""
-    if not isinstance(lines, list) or not lines:
-        raise InvalidMessage("lines must be a non-empty list")
+    """JSON ``[{"product", "quantity", "unit_price", "product_name"}, …]`` → counted lines, in product order.
+
+    Product and quantity follow the rules of every step's lines (project.saga.step_lines).
+    """
+    order_lines = step_lines(lines)
+    by_product = {line["product"]: line for line in lines}
     parsed = []
-    for line in lines:
-        if not isinstance(line, Mapping):
-            raise InvalidMessage(f"each line must be an object, got {line!r}")
-        product, quantity = line.get("product"), line.get("quantity")
-        for value in (product, quantity):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise InvalidMessage(f"product and quantity must be positive integers: {dict(line)!r}")
+    for line in order_lines.by_product():
+        raw = by_product[line.product]
         try:
-            unit_price = Decimal(str(line.get("unit_price")))
+            unit_price = Decimal(str(raw.get("unit_price")))
         except InvalidOperation as exc:
-            raise InvalidMessage(f"unit_price is not a number: {dict(line)!r}") from exc
+            raise InvalidMessage(f"unit_price is not a number: {dict(raw)!r}") from exc
         if not unit_price.is_finite() or unit_price < 0:
-            raise InvalidMessage(f"unit_price must be a non-negative number: {dict(line)!r}")
+            raise InvalidMessage(f"unit_price must be a non-negative number: {dict(raw)!r}")
         parsed.append(
             {
-                "product": product,
-                "quantity": quantity,
-                "amount": str(unit_price * quantity),
-                "product_name": str(line.get("product_name") or f"product {product}"),
+                "product": line.product,
+                "quantity": line.quantity,
+                "amount": str(unit_price * line.quantity),
+                "product_name": str(raw.get("product_name") or f"product {line.product}"),
             }
         )
-    if len({line["product"] for line in parsed}) != len(parsed):
-        raise InvalidMessage("a product appears twice")
-    return sorted(parsed, key=lambda line: line["product"])
+    return parsed
 
 
 def _claim(order_id: int, status: str, **values: Any) -> tuple[ReportedOrder, bool]:
@@ -73,8 +68,9 @@ def _claim(order_id: int, status: str, **values: Any) -> tuple[ReportedOrder, bo
     return claim_row(ReportedOrder, using=_db(), order_id=order_id, status=status, **values)
 
 
-# A sale added to (sign +1) or taken out of (-1) its product's totals
-# (project.db.Statement: not compiled anew for each line).
+# A sale added to (sign +1) or taken out of (-1) its product's totals:
+# ``filter(product_id=…).update(units_sold=F("units_sold") + n, …)``, its SQL
+# built once (project.db.Statement; the A/B in docs/performance.md).
 _COUNT_SALE = Statement(
     ProductReport,
     "UPDATE {table} SET {units_sold} = {units_sold} + %s, {orders_count} = {orders_count} + %s,"

@@ -5,6 +5,7 @@ import logging
 from celery import shared_task
 from celery.exceptions import Reject
 
+from project.lines import NotPositiveInt, positive_int
 from project.saga import TRANSIENT_ERRORS, SagaStep, backoff_seconds
 
 from . import services
@@ -28,16 +29,12 @@ def sale_revert(self, order_id):
 
 @shared_task(bind=True, name="reports.product_sync", acks_late=True, max_retries=10)
 def product_sync(self, product_id=None, name=None, version=None, **extra):
-    valid = (
-        isinstance(product_id, int)
-        and not isinstance(product_id, bool)
-        and product_id > 0
-        and isinstance(name, str)
-        and name
-        and isinstance(version, int)
-        and not isinstance(version, bool)
-        and version >= 0
-    )
+    try:
+        positive_int(product_id, "product_id")
+        positive_int(version, "version", minimum=0)
+        valid = isinstance(name, str) and bool(name)
+    except NotPositiveInt:
+        valid = False
     if not valid:
         logger.error(
             "reports.product_sync rejected a malformed event %s: %r",

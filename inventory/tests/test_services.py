@@ -170,6 +170,56 @@ def test_refused_reserve_delivered_again_is_refused_again_without_effect(make_pr
     assert not StockReservation.objects.filter(order_id=5).exists()
 
 
+def test_a_refusal_is_kept_as_data_and_rendered_for_people(make_product):
+    short, gone, off = make_product(stock=1), make_product(stock=5), make_product(stock=5, active=False)
+    missing = gone.pk
+    gone.delete()
+    lines = [{"product": p, "quantity": q} for p, q in ((short.pk, 3), (missing, 1), (off.pk, 2))]
+
+    with pytest.raises(StockRefused) as refused:
+        services.stock_reserve(order_id=21, lines=lines)
+
+    refusal = [
+        {"product": short.pk, "code": "insufficient_stock", "wanted": 3, "available": 1},
+        {"product": missing, "code": "unknown_product"},
+        {"product": off.pk, "code": "inactive_product", "sku": off.sku},
+    ]
+    assert refused.value.refusal == refusal
+    assert record(21).refusal == refusal
+    assert (
+        record(21).reason
+        == str(refused.value)
+        == (
+            f"insufficient stock for product {short.pk}: wanted 3, have 1; unknown product {missing}; "
+            f"product {off.pk} ({off.sku}) is not on sale"
+        )
+    )
+
+
+def test_a_refusal_delivered_again_comes_from_the_record(make_product):
+    a = make_product(stock=1)
+    with pytest.raises(StockRefused) as first:
+        services.stock_reserve(order_id=22, lines=[{"product": a.pk, "quantity": 2}])
+
+    with pytest.raises(StockRefused) as again:
+        services.stock_reserve(order_id=22, lines=[{"product": a.pk, "quantity": 2}])
+
+    assert again.value.refusal == first.value.refusal
+    assert str(again.value) == str(first.value)
+
+
+def test_a_refusal_recorded_as_text_only_is_refused_with_its_text(make_product):
+    """Rows written before refusals were data keep their text and no items."""
+    a = make_product(stock=1)
+    OrderReservation.objects.create(order_id=23, status=REFUSED, reason="insufficient stock for product 7: wanted 3")
+
+    with pytest.raises(StockRefused) as again:
+        services.stock_reserve(order_id=23, lines=[{"product": a.pk, "quantity": 2}])
+
+    assert (str(again.value), again.value.refusal) == ("insufficient stock for product 7: wanted 3", [])
+    assert again.value.shortfalls == ["insufficient stock for product 7: wanted 3"]
+
+
 # --- release -------------------------------------------------------------------
 
 

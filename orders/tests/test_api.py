@@ -353,7 +353,29 @@ def test_get_a_cancelled_order_is_410_with_the_reason(api, product, user):
     assert body["id"] == order.pk
     assert body["status"] == "cancelled"
     assert body["reason"] == "out of apples"
+    assert body["refusal"] == []
     assert body["lines"][0]["product"] == product.pk
+
+
+def test_a_cancelled_order_refused_by_inventory_shows_the_refusal_as_data(api, product, user):
+    from inventory import services as inventory_services
+    from inventory.exceptions import StockRefused
+
+    order = place(user, product, quantity=product.stock + 2)
+    with pytest.raises(StockRefused):
+        inventory_services.stock_reserve(
+            order_id=order.pk, lines=[{"product": product.pk, "quantity": product.stock + 2}]
+        )
+    services.order_compensate(order_id=order.pk)
+    services.order_delete(order_id=order.pk)
+
+    body = api.get(detail(order.pk)).json()
+
+    wanted, have = product.stock + 2, product.stock
+    assert body["reason"] == f"insufficient stock for product {product.pk}: wanted {wanted}, have {have}"
+    assert body["refusal"] == [
+        {"product": product.pk, "code": "insufficient_stock", "wanted": wanted, "available": have}
+    ]
 
 
 def test_someone_elses_order_is_404(product, user, other_user):

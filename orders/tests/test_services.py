@@ -197,7 +197,7 @@ def test_order_create_commits_a_pending_order_with_snapshots_and_dispatches_once
 
 
 def test_order_create_hands_back_the_rows_as_stored(user, make_product):
-    """Its two INSERTs read the database's keys back into the rows it returns (project.db.insert_rows)."""
+    """Its two INSERTs (save, bulk_create) read the database's keys back into the rows it returns."""
     products = [make_product(stock=5, price=f"{n}.25", name=f"P{n}") for n in range(1, 5)]
 
     placed = services.order_create(
@@ -213,7 +213,7 @@ def test_order_create_hands_back_the_rows_as_stored(user, make_product):
         order.created_at,
         order.request_fingerprint,
     )
-    returned = list(order.lines.all())  # the rows order_create wrote, not read again
+    returned = list(order.lines.all())
     stored = {line.pk: line for line in OrderLine.objects.filter(order=order)}
     assert len(stored) == 4
     for line in returned:
@@ -477,6 +477,7 @@ def test_reason_is_the_inventory_refusal(user, make_product):
     cancelled = compensate_and_delete(order.pk)
 
     assert cancelled.reason == f"insufficient stock for product {product.pk}: wanted 3, have 1"
+    assert cancelled.refusal == [{"product": product.pk, "code": "insufficient_stock", "wanted": 3, "available": 1}]
 
 
 def test_reason_asked_for_wins_over_the_steps_reasons(user, make_product):
@@ -489,6 +490,7 @@ def test_reason_asked_for_wins_over_the_steps_reasons(user, make_product):
     cancelled = compensate_and_delete(order.pk)
 
     assert cancelled.reason == services.USER_CANCEL_REASON
+    assert cancelled.refusal == []
 
 
 def test_reason_is_inventory_note_then_reports_note(user, make_product):

@@ -1,14 +1,14 @@
-"""project.db's statements built once: names from the model, values prepared by its fields."""
+"""project.db: statements built once (names from the model, values prepared by its fields), and claim_row."""
 
 from decimal import Decimal
 
 import pytest
 from django.core.exceptions import FieldDoesNotExist
-from django.db import connections
+from django.db import connections, transaction
 from django.utils import timezone
 
-from inventory.models import Product
-from project.db import Statement, insert_rows, service_db
+from inventory.models import OrderReservation, Product
+from project.db import Statement, claim_row, service_db
 
 pytestmark = pytest.mark.django_db
 
@@ -22,7 +22,7 @@ RENAME = Statement(
 
 
 def test_a_statement_quotes_the_models_names_and_counts_the_rows_it_changed():
-    (product,) = insert_rows(Product, [Product(sku="s-1", name="Old", price=Decimal("1.10"), stock=3)], using=DB)
+    product = Product.objects.using(DB).create(sku="s-1", name="Old", price=Decimal("1.10"), stock=3)
     later = timezone.now()
 
     assert RENAME.sql(connections[DB]) == (
@@ -52,21 +52,16 @@ def test_a_statement_takes_one_value_per_parameter():
         RENAME.execute("New", Decimal("1"), timezone.now(), using=DB)
 
 
-def test_insert_rows_fills_defaults_and_timestamps_and_reads_the_keys_back_in_order():
-    rows = [Product(sku=f"i-{n}", name=f"N{n}", price=Decimal(f"{n}.05"), stock=n) for n in (3, 1, 2)]
+def test_claim_row_inserts_a_new_row_in_one_statement_and_finds_an_existing_one(django_assert_num_queries):
+    with transaction.atomic(using=DB):
+        with django_assert_num_queries(1, using=DB):
+            row, created = claim_row(OrderReservation, using=DB, order_id=7, status="reserved", reason="")
+        assert created
+        assert not row._state.adding and row._state.db == DB
+        assert row.created_at is not None and row.created_at == row.updated_at
 
-    returned = insert_rows(Product, rows, using=DB)
+        again, created_again = claim_row(OrderReservation, using=DB, order_id=7, status="refused", reason="x")
 
-    assert returned is rows
-    assert all(not row._state.adding and row._state.db == DB for row in rows)
-    for row in rows:
-        stored = Product.objects.using(DB).get(pk=row.pk)
-        assert (stored.sku, stored.name, stored.price, stored.stock, stored.active, stored.version) == (
-            row.sku,
-            row.name,
-            row.price,
-            row.stock,
-            True,
-            1,
-        )
-        assert stored.created_at == row.created_at == row.updated_at
+    assert not created_again
+    assert (again.pk, again.status, again.reason) == (7, "reserved", "")
+    assert OrderReservation.objects.using(DB).get(pk=7).status == "reserved"
