@@ -17,7 +17,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from project.admin import ReadOnlyAdmin
-from project.errors import ApplicationError
+from project.http.errors import ApplicationError
 
 from . import selectors, services
 from .exceptions import StockRefused

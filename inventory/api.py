@@ -9,10 +9,10 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from project.db import service_db
-from project.errors import NotFound
-from project.pagination import PageNumberPagination
-from project.schema import WWW_AUTHENTICATE, errors, id_parameter
-from project.serializers import represent, represent_many
+from project.http.errors import NotFound
+from project.http.pagination import PageNumberPagination
+from project.http.schema import WWW_AUTHENTICATE, errors, id_parameter
+from project.http.serializers import represent, represent_many
 
 from . import selectors, services
 from .filters import ProductFilter

@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from project.errors import ApplicationError
+from project.http.errors import ApplicationError
 
 #: Why a line of an order cannot be had (the `code` of a refusal item).
 INSUFFICIENT_STOCK = "insufficient_stock"

@@ -5,8 +5,8 @@ from decimal import Decimal
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from project.fields import StrictIntegerField
-from project.serializers import InputSerializer
+from project.db.fields import StrictIntegerField
+from project.http.serializers import InputSerializer
 
 from .models import Product
 

@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from project.celery import app
 from project.db import Statement, after_commit, claim_row, service_db
-from project.errors import Conflict
+from project.http.errors import Conflict
 from project.saga import SagaAborted, step_lines
 
 from .exceptions import (

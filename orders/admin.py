@@ -29,7 +29,7 @@ from kombu.exceptions import KombuError
 
 from inventory import public as inventory
 from project.admin import ReadOnlyAdmin, humanized_age
-from project.errors import ApplicationError, Conflict
+from project.http.errors import ApplicationError, Conflict
 from reports import public as reports
 
 from . import selectors, services

@@ -11,11 +11,11 @@ from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from project.errors import InvalidInput, NotFound
-from project.pagination import PageNumberPagination
-from project.schema import RETRY_AFTER, WWW_AUTHENTICATE, errors, id_parameter
-from project.serializers import represent, represent_many
-from project.throttles import OrderCreateThrottle
+from project.http.errors import InvalidInput, NotFound
+from project.http.pagination import PageNumberPagination
+from project.http.schema import RETRY_AFTER, WWW_AUTHENTICATE, errors, id_parameter
+from project.http.serializers import represent, represent_many
+from project.http.throttles import OrderCreateThrottle
 
 from . import selectors, services
 from .models import CancelledOrder, Order

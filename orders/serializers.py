@@ -4,9 +4,9 @@ from django.conf import settings
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from project.fields import MAX_ID, StrictIntegerField
+from project.db.fields import MAX_ID, StrictIntegerField
+from project.http.serializers import InputSerializer
 from project.lines import InvalidLines, OrderLines
-from project.serializers import InputSerializer
 
 from .models import CancelledOrder, Order, OrderLine
 

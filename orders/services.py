@@ -20,11 +20,10 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from inventory import public as inventory
-from project import faults
 from project.db import Statement, after_commit, service_db
-from project.errors import Conflict, InvalidInput
+from project.http.errors import Conflict, InvalidInput
 from project.lines import InvalidLines, OrderLines
-from project.saga import SagaAborted
+from project.saga import SagaAborted, faults
 from reports import public as reports
 
 from .models import CancelledOrder, Order, OrderLine

@@ -125,7 +125,7 @@ TEMPLATES = [
 # --- Databases -------------------------------------------------------------
 # One database per service is possible (docs/design.md §6): DATABASE_URL_INVENTORY and
 # DATABASE_URL_REPORTS move those services' tables to their own database;
-# unset, every service shares `default`. project.routers does the routing and
+# unset, every service shares `default`. project.db.routers does the routing and
 # services name their alias through project.db.
 
 
@@ -159,7 +159,7 @@ for _service in ("inventory", "reports"):
     if _url:
         DATABASES[_service] = _database(_url, _service)
         SERVICE_DATABASES[_service] = _service
-DATABASE_ROUTERS = ["project.routers.ServiceRouter"]
+DATABASE_ROUTERS = ["project.db.routers.ServiceRouter"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -197,12 +197,12 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     # DRF's JSON parser, but a body nested thousands deep is a 400, not a RecursionError (500).
-    "DEFAULT_PARSER_CLASSES": ["project.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["project.http.parsers.JSONParser"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     # `?page=` and a bounded `?page_size=` (at most API_MAX_PAGE_SIZE) on every list.
-    "DEFAULT_PAGINATION_CLASS": "project.pagination.PageNumberPagination",
+    "DEFAULT_PAGINATION_CLASS": "project.http.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
-    "EXCEPTION_HANDLER": "project.errors.exception_handler",
+    "EXCEPTION_HANDLER": "project.http.errors.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
     # Throttles that key on the client's address trust this many proxies' X-Forwarded-For entries;
@@ -231,7 +231,7 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_SETTINGS": {"persistAuthorization": True},
     "ENUM_NAME_OVERRIDES": {"OrderStatusEnum": "orders.models.Order.Status"},
     # Every API URL also answers without its trailing slash (project/urls.py); the schema names each once.
-    "PREPROCESSING_HOOKS": ["project.schema.one_path_per_endpoint"],
+    "PREPROCESSING_HOOKS": ["project.http.schema.one_path_per_endpoint"],
 }
 
 # --- Throttles -----------------------------------------------------------------
@@ -278,7 +278,7 @@ SAGA_SWEEP_INTERVAL_SECONDS = env.float("SAGA_SWEEP_INTERVAL_SECONDS", default=1
 SAGA_STEP_MAX_RETRIES = env.int("SAGA_STEP_MAX_RETRIES", default=8)
 SAGA_RETRY_BACKOFF_SECONDS = env.float("SAGA_RETRY_BACKOFF_SECONDS", default=0.5)
 SAGA_RETRY_BACKOFF_MAX_SECONDS = env.float("SAGA_RETRY_BACKOFF_MAX_SECONDS", default=30.0)
-# Fault injection for tests and drills (project/faults.py); unset in production.
+# Fault injection for tests and drills (project/saga/faults.py); unset in production.
 ORDERFLOW_FAULTS_FILE = env("ORDERFLOW_FAULTS_FILE", default=None)
 
 # --- Celery and the broker -----------------------------------------------------
@@ -323,7 +323,7 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = env.int("CELERY_WORKER_PREFETCH_MULTIPLIER",
 # declaring the job lost (and redelivering it).
 CELERY_WORKER_LOST_WAIT = env.float("CELERY_WORKER_LOST_WAIT", default=10.0)
 # /readyz reports a service queue as "stalled" when messages wait and no consumer
-# took one for this long (project/health.py; seconds).
+# took one for this long (project/http/health.py; seconds).
 CONSUMER_STALL_SECONDS = env.float("CONSUMER_STALL_SECONDS", default=60.0)
 # Tasks reuse database connections as requests do (CONN_MAX_AGE): the
 # handlers in project/celery.py close old connections around each task, so

@@ -2,9 +2,9 @@ from django.contrib import admin
 from django.urls import URLResolver, include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from project.api import ApiRootApi, TokenObtainApi
-from project.health import healthz, readyz
-from project.views import landing
+from project.http.api import ApiRootApi, TokenObtainApi
+from project.http.health import healthz, readyz
+from project.http.views import landing
 
 
 def without_trailing_slash(patterns: list, prefix: str = "") -> list:
@@ -12,7 +12,7 @@ def without_trailing_slash(patterns: list, prefix: str = "") -> list:
 
     Else Django's APPEND_SLASH answers `POST /api/orders` with an empty 301 to
     `/api/orders/`, and clients follow it with a GET and no body. The schema
-    names each endpoint once, with its slash (project.schema.one_path_per_endpoint).
+    names each endpoint once, with its slash (project.http.schema.one_path_per_endpoint).
     """
     aliases = []
     for pattern in patterns:
@@ -44,5 +44,5 @@ urlpatterns = [
     path("readyz", readyz, name="readyz"),
 ]
 
-handler404 = "project.errors.not_found_view"
-handler500 = "project.errors.server_error_view"
+handler404 = "project.http.errors.not_found_view"
+handler500 = "project.http.errors.server_error_view"

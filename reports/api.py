@@ -3,9 +3,9 @@
 from drf_spectacular.utils import extend_schema
 from rest_framework.views import APIView
 
-from project.pagination import PageNumberPagination
-from project.schema import WWW_AUTHENTICATE, errors
-from project.serializers import represent_many
+from project.http.pagination import PageNumberPagination
+from project.http.schema import WWW_AUTHENTICATE, errors
+from project.http.serializers import represent_many
 
 from . import selectors
 from .serializers import ProductReportOutputSerializer

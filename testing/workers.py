@@ -3,7 +3,7 @@
 `Workers` runs one `celery worker` per queue (and beat, or any other process)
 in a session of its own, each logging to a file in one folder; `quiesce`
 waits until nothing is queued or running; `terminate` stops a process and
-everything it started. Faults (project/faults.py) reach the processes through
+everything it started. Faults (project/saga/faults.py) reach the processes through
 the faults file `Workers` hands them. Nothing here imports pytest: the
 benchmark (bench/) supervises its workers with the same code.
 """
@@ -155,7 +155,7 @@ class Workers:
     `env` is added to this process's environment for the children; without
     it they get `test_environment()`. `node` names each worker (`{queue}` is
     filled in, `%h` is the host). With `faults`, the children read a faults
-    file in `directory` (project/faults.py), which `set_faults` rewrites.
+    file in `directory` (project/saga/faults.py), which `set_faults` rewrites.
     """
 
     def __init__(
@@ -337,7 +337,7 @@ class Workers:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
 
-    # --- faults (project/faults.py) --------------------------------------------------------
+    # --- faults (project/saga/faults.py) --------------------------------------------------------
 
     def set_faults(self, faults: dict) -> None:
         tmp = self.faults_file.with_suffix(".tmp")

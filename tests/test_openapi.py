@@ -15,8 +15,8 @@ from rest_framework.test import APIClient
 
 from inventory.serializers import ProductCreateInputSerializer, ProductUpdateInputSerializer
 from orders.serializers import OrderCreateInputSerializer
-from project.api import TokenObtainInputSerializer
-from project.errors import error_body
+from project.http.api import TokenObtainInputSerializer
+from project.http.errors import error_body
 
 SCHEMA = "/api/schema/"
 DOCS = "/api/docs/"

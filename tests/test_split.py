@@ -11,7 +11,7 @@ from django.db import connections
 from django.test import override_settings
 
 from project.db import service_db
-from project.routers import ServiceRouter
+from project.db.routers import ServiceRouter
 from testing import wait_for
 
 SPLIT = {"orders": "default", "inventory": "inventory", "reports": "reports"}

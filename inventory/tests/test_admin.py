@@ -90,7 +90,7 @@ def test_add_product_with_a_taken_sku_is_a_form_error(admin_client, make_product
 
 
 def test_add_product_refused_by_the_service_shows_its_reason_and_writes_nothing(admin_client, monkeypatch):
-    from project.errors import Conflict
+    from project.http.errors import Conflict
 
     def refuse(**kwargs):
         Product.objects.create(sku="HALF-WRITTEN", name="x", price=1)  # must be rolled back

@@ -11,7 +11,7 @@ from django.urls import reverse
 
 from orders import services
 from orders.models import CancelledOrder, Order
-from project.errors import InvalidInput
+from project.http.errors import InvalidInput
 from reports import services as reports_services
 from reports.models import ProductReport, ReportedOrder
 

@@ -660,7 +660,7 @@ SEE_THROTTLE = """
 import sys, types
 import django
 django.setup()
-from project.throttles import OrderCreateThrottle
+from project.http.throttles import OrderCreateThrottle
 user = types.SimpleNamespace(pk=int(sys.argv[1]), is_authenticated=True)
 request = types.SimpleNamespace(user=user, method="POST", META={})
 print("allowed" if OrderCreateThrottle().allow_request(request, None) else "throttled")

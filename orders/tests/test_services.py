@@ -31,7 +31,7 @@ from orders import services
 from orders.models import CancelledOrder, Order, OrderLine
 from orders.saga import compensation_saga, order_saga
 from project.celery import app as celery_app
-from project.errors import Conflict, InvalidInput
+from project.http.errors import Conflict, InvalidInput
 from project.saga import SagaAborted
 from reports import services as reports_services
 from reports.public import units_sold_by_product

@@ -12,8 +12,8 @@ from django.conf import settings
 from django.db import connections
 from kombu.exceptions import OperationalError as BrokerOperationalError
 
-from project import health
 from project.celery import app as celery_app
+from project.http import health
 
 pytestmark = pytest.mark.django_db
 

@@ -1,4 +1,4 @@
-"""The parts of project.saga and project.faults that need no worker.
+"""The parts of project.saga and project.saga.faults that need no worker.
 
 Eager mode does not behave like a worker for a saga (docs/celery.md 10), so
 the step tasks themselves are exercised with real workers in
@@ -20,10 +20,9 @@ from django.db import OperationalError
 
 import inventory.tasks  # noqa: F401  (registers inventory.stock_reserve)
 from inventory.models import OrderReservation
-from project import faults
 from project.celery import app as celery_app
-from project.errors import ApplicationError
-from project.saga import InvalidMessage, SagaAborted, SagaStep, backoff_seconds, order_id_arg
+from project.http.errors import ApplicationError
+from project.saga import InvalidMessage, SagaAborted, SagaStep, backoff_seconds, faults, order_id_arg
 
 BASE_DIR = Path(__file__).resolve().parents[2]
 
@@ -321,7 +320,7 @@ def test_exit_kills_the_process_at_once(tmp_path):
     path.write_text(json.dumps({"orders.order_confirm": {"action": "exit", "orders": [3]}}))
     script = (
         "import django; django.setup()\n"
-        "from project import faults\n"
+        "from project.saga import faults\n"
         "faults.inject('orders.order_confirm', 4)\n"
         "print('order 4 passed', flush=True)\n"
         "faults.inject('orders.order_confirm', 3)\n"

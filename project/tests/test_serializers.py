@@ -1,4 +1,4 @@
-"""project.serializers: the same output as a fresh serializer, from one shared instance, in any thread;
+"""project.http.serializers: the same output as a fresh serializer, from one shared instance, in any thread;
 input serializers that refuse the fields they do not take."""
 
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +10,7 @@ from inventory.serializers import ProductOutputSerializer
 from orders import services
 from orders.models import CancelledOrder, Order
 from orders.serializers import CancelledOrderOutputSerializer, OrderOutputSerializer
-from project.serializers import InputSerializer, represent, represent_many
+from project.http.serializers import InputSerializer, represent, represent_many
 
 pytestmark = pytest.mark.django_db
 

@@ -5,7 +5,7 @@ import types
 import pytest
 from django.core.cache import caches
 
-from project.throttles import OrderCreateThrottle
+from project.http.throttles import OrderCreateThrottle
 
 
 @pytest.fixture

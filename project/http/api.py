@@ -10,10 +10,10 @@ from rest_framework.reverse import reverse
 from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
-from project.errors import InvalidCredentials
-from project.schema import RETRY_AFTER, errors
-from project.serializers import InputSerializer
-from project.throttles import TokenObtainThrottle
+from project.http.errors import InvalidCredentials
+from project.http.schema import RETRY_AFTER, errors
+from project.http.serializers import InputSerializer
+from project.http.throttles import TokenObtainThrottle
 
 # What GET /api/ lists: a name for each URL name (the services' urls.py, project/urls.py).
 ENDPOINTS = {

@@ -28,9 +28,10 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError
 from kombu.exceptions import OperationalError as BrokerOperationalError
 
-from project import faults
-from project.errors import ApplicationError
+from project.http.errors import ApplicationError
 from project.lines import InvalidLines, NotPositiveInt, OrderLines, positive_int
+
+from . import faults
 
 logger = logging.getLogger("orderflow.saga")
 

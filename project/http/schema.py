@@ -1,6 +1,6 @@
 """What the OpenAPI description (drf-spectacular) shares across the services' APIs.
 
-The error body of project/errors.py as one component, the documented error
+The error body of project/http/errors.py as one component, the documented error
 responses built from it, the parameters more than one view declares, and the
 hook that names each endpoint once.
 """
@@ -8,7 +8,7 @@ hook that names each endpoint once.
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse
 from rest_framework import serializers
 
-from project.fields import MAX_ID
+from project.db.fields import MAX_ID
 
 
 class ErrorSerializer(serializers.Serializer):

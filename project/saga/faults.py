@@ -29,7 +29,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db import OperationalError
 
-from project.errors import ApplicationError
+from project.http.errors import ApplicationError
 
 
 class InjectedFault(ApplicationError):

@@ -1,0 +1,1 @@
+"""HTTP concerns shared by every service's API: errors, parsing, serializers, throttles, schema, health."""
