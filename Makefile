@@ -36,7 +36,7 @@ export PYTHONUNBUFFERED := 1
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help install install-dev install-bench install-docs run status test bench docs browser-deps lint format migrate createdb collectstatic seed superuser clean distclean
+.PHONY: help install install-dev install-bench install-docs run status not-running test bench docs browser-deps lint format migrate createdb collectstatic seed superuser clean distclean
 
 help:
 	@echo "make run        install, migrate, seed demo data, then run web + workers + beat + Flower"
@@ -201,7 +201,7 @@ superuser: migrate
 # (base + 100 each), so web is the Procfile's first line; .env is already merged into the environment.
 # Flower always runs behind basic auth: without FLOWER_BASIC_AUTH, a credential is generated
 # once into $ORDERFLOW_VAR_DIR/flower_basic_auth (mode 600) and shown in the ready banner.
-run: migrate collectstatic seed superuser
+run: not-running migrate collectstatic seed superuser
 	@$(LOAD_DOTENV); \
 	export PORT="$${PORT:-8000}" FLOWER_PORT="$${FLOWER_PORT:-5555}"; \
 	var_dir="$${ORDERFLOW_VAR_DIR:-$(CURDIR)/var}"; \
@@ -231,10 +231,22 @@ run: migrate collectstatic seed superuser
 	exec $(PY) scripts/supervisord/foreground.py supervisord -n -c "$$conf"
 
 # The processes of a running `make run` (CMD: any supervisorctl command, e.g. CMD="restart worker_inventory").
+# Without CMD it fails only when a process other than the one-shot `ready` is not RUNNING.
 status:
 	@var_dir="$${ORDERFLOW_VAR_DIR:-$(CURDIR)/var}"; \
 	test -f "$$var_dir/run/orderflow.conf" || { echo "make status: no make run has started here ($$var_dir/run)" >&2; exit 1; }; \
-	$(VENV)/bin/supervisorctl -c "$$var_dir/run/orderflow.conf" $(or $(CMD),status)
+	if [ -n "$(CMD)" ]; then exec $(VENV)/bin/supervisorctl -c "$$var_dir/run/orderflow.conf" $(CMD); fi; \
+	out="$$($(VENV)/bin/supervisorctl -c "$$var_dir/run/orderflow.conf" status)" || true; \
+	echo "$$out"; \
+	! echo "$$out" | grep -v '^ready ' | grep -qv ' RUNNING '
+
+# make run refuses to start a second stack on the same var/ (it would take over the first's control socket).
+not-running:
+	@pidfile="$${ORDERFLOW_VAR_DIR:-$(CURDIR)/var}/run/supervisord.pid"; \
+	if [ -s "$$pidfile" ] && kill -0 "$$(cat "$$pidfile")" 2>/dev/null; then \
+		echo "make run: already running here (supervisord pid $$(cat "$$pidfile")); make status shows it, Ctrl-C in its terminal stops it" >&2; \
+		exit 1; \
+	fi
 
 # var/test keeps the test database and broker folders away from a running `make run`.
 test: install-dev

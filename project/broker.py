@@ -342,6 +342,7 @@ class Channel(filesystem.Channel):
         folder (kombu's own `_delete`), so publishers stop filling it.
         """
         live = consumed_queues(self._claimed_root)
+        expired = set()
         for table in Path(self.control_folder).glob("*.exchange"):
             exchange = table.name[: -len(".exchange")]
             for routing_key, pattern, queue in self.get_table(exchange):
@@ -351,8 +352,21 @@ class Channel(filesystem.Channel):
                 since = _unconsumed_since.setdefault(queue, now)
                 if now - since >= TRANSIENT_QUEUE_EXPIRES:
                     self._delete(queue, exchange, routing_key, pattern)
-                    _unconsumed_since.pop(queue, None)
+                    expired.add(queue)
                     logger.info("filesystem broker: deleted %s, unused for %.0f s", queue, now - since)
+        # Messages of a transient queue with no binding left and no consumer (published
+        # while it was being deleted, or left from before): nothing will ever read them.
+        folder = Path(self.data_folder_in)
+        for name in os.listdir(folder):
+            queue = name.partition(".")[2].removesuffix(".msg")
+            if not name.endswith(".msg") or not TRANSIENT_QUEUE.search(queue) or queue in live:
+                continue
+            since = _unconsumed_since.setdefault(queue, now)
+            if queue in expired or now - since >= TRANSIENT_QUEUE_EXPIRES:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(folder / name)
+        for queue in expired:
+            _unconsumed_since.pop(queue, None)
 
     def _release(self, delivery_tag) -> None:
         path = self._claims.pop(delivery_tag, None)

@@ -310,3 +310,11 @@ def test_a_transient_queue_nobody_consumes_is_deleted_after_it_expires(connectio
     assert not any(name.endswith(f".{gone.name}.msg") for name in os.listdir(root / "queue"))
     producer.publish({"n": 9}, exchange=events, routing_key="worker.heartbeat")
     assert not any(name.endswith(f".{gone.name}.msg") for name in os.listdir(root / "queue"))
+
+    # A message that landed after the purge (published while the queue was deleted) goes too.
+    (root / "queue" / f"{time.monotonic_ns():020d}_late.{gone.name}.msg").write_text("{}")
+    for n in (3, 4):
+        time.sleep(0.4)
+        publish(connection, {"n": n})
+        take(connection)
+    assert not any(name.endswith(f".{gone.name}.msg") for name in os.listdir(root / "queue"))
