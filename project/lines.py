@@ -22,6 +22,8 @@ from django.conf import settings
 # Database ids are 64-bit (BigAutoField): a larger id can name nothing, and a
 # larger integer overflows the SQLite driver in a lookup.
 MAX_ID = 2**63 - 1
+# The quantity columns are PositiveIntegerField: 32-bit on every database Django supports.
+MAX_QUANTITY = 2**31 - 1
 
 
 class NotPositiveInt(ValueError):
@@ -72,18 +74,23 @@ class OrderLines:
         return tuple(sorted(self.lines, key=lambda line: line.product))
 
     @classmethod
-    def parse(cls, data: Any) -> "OrderLines":
+    def parse(cls, data: Any, *, limits: bool = True) -> "OrderLines":
         """JSON lines ``[{"product": id, "quantity": n}, …]`` → OrderLines, or InvalidLines saying why.
 
         Other keys of a line are left alone (a step's message carries more).
+        `limits=False` (a saga step's message) checks the shape only, not
+        ORDER_MAX_LINES and ORDER_MAX_QUANTITY: an order taken under the limits
+        of its day must not be refused mid-saga because a setting was lowered since.
         """
+        max_lines = settings.ORDER_MAX_LINES if limits else len(data) if isinstance(data, list) else 0
+        max_quantity = settings.ORDER_MAX_QUANTITY if limits else MAX_QUANTITY
         if not isinstance(data, list) or not data:
             raise InvalidLines(
                 "An order needs at least one line.",
                 fields={"lines": ["At least one line is required."]},
                 problem="lines must be a non-empty list",
             )
-        if len(data) > settings.ORDER_MAX_LINES:
+        if len(data) > max_lines:
             raise InvalidLines(
                 "Too many lines.",
                 fields={"lines": [f"At most {settings.ORDER_MAX_LINES} lines per order."]},
@@ -109,12 +116,11 @@ class OrderLines:
                     line_errors["product"] = [f"Product {product} appears in more than one line."]
                     problems.append(f"product {product} appears twice")
             try:
-                positive_int(quantity, "quantity", maximum=settings.ORDER_MAX_QUANTITY)
+                positive_int(quantity, "quantity", maximum=max_quantity)
             except NotPositiveInt:
-                line_errors["quantity"] = [f"An integer from 1 to {settings.ORDER_MAX_QUANTITY} is required."]
+                line_errors["quantity"] = [f"An integer from 1 to {max_quantity} is required."]
                 problems.append(
-                    f"product and quantity must be positive integers, quantity at most"
-                    f" {settings.ORDER_MAX_QUANTITY}: {dict(line)!r}"
+                    f"product and quantity must be positive integers, quantity at most {max_quantity}: {dict(line)!r}"
                 )
             if line_errors:
                 errors[str(index)] = line_errors

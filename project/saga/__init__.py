@@ -76,7 +76,7 @@ def order_id_arg(value: Any) -> int:
 def step_lines(data: Any) -> OrderLines:
     """A message's ``lines`` as OrderLines (the rules of project.lines), or InvalidMessage saying why."""
     try:
-        return OrderLines.parse(data)
+        return OrderLines.parse(data, limits=False)
     except InvalidLines as exc:
         raise InvalidMessage(exc.problem) from exc
 

@@ -81,3 +81,17 @@ def test_lines_that_make_no_order_say_why_by_field(settings, data, fields):
 def test_a_steps_lines_are_refused_as_an_invalid_message(data, problem):
     with pytest.raises(InvalidMessage, match=problem):
         step_lines(data)
+
+
+def test_a_steps_message_is_not_held_to_limits_lowered_since_the_order_was_taken(settings):
+    """Only the edge enforces ORDER_MAX_LINES/ORDER_MAX_QUANTITY: a saga in flight is not refused for them."""
+
+    lines = [{"product": 1, "quantity": 5}, {"product": 2, "quantity": 1}]
+    settings.ORDER_MAX_LINES = 1
+    settings.ORDER_MAX_QUANTITY = 2
+
+    assert step_lines(lines).as_dict() == {1: 5, 2: 1}
+    with pytest.raises(InvalidLines):
+        OrderLines.parse(lines)
+    with pytest.raises(InvalidMessage):  # the shape is still checked
+        step_lines([{"product": 1, "quantity": 0}])
