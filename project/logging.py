@@ -17,6 +17,10 @@ from celery.signals import after_setup_logger, after_setup_task_logger
 
 from project.lines import NotPositiveInt, positive_int
 
+# Python's warnings (a library's UserWarning) go through logging too, so that with
+# LOG_FORMAT=json every line a process writes is JSON (settings.LOGGING loads this module).
+logging.captureWarnings(True)
+
 # Attributes every LogRecord has; anything else on a record came from `extra=`
 # or a filter and is written as a field of its own.
 _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
