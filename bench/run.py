@@ -293,12 +293,14 @@ def drive(
     start = time.perf_counter() + 0.05
     wall_start = time.time() + 0.05
 
+    stopping = threading.Event()
+
     def run() -> None:
         try:
             send = make_client()
             while True:
                 with lock:
-                    i = next(counter, None)
+                    i = None if stopping.is_set() else next(counter, None)
                 if i is None:
                     return
                 if rate:
@@ -320,8 +322,16 @@ def drive(
     threads = [threading.Thread(target=run, name=f"bench-client-{k}", daemon=True) for k in range(concurrency)]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    try:
+        for thread in threads:
+            thread.join()
+    except KeyboardInterrupt:
+        # Ctrl-C: the clients place nothing more, and every order they placed is known
+        # (`on_sent`) before the run cleans up after itself.
+        stopping.set()
+        for thread in threads:
+            thread.join()
+        raise
     missing = [i for i, sent in enumerate(results) if sent is None]
     if missing:
         raise BenchFailed(f"{len(missing)} calls never ran (a client thread died)")
@@ -650,7 +660,21 @@ def run(options: BenchOptions) -> dict:
     except BenchFailed as exc:
         report["ok"] = False
         report["error"] = str(exc)
+    except KeyboardInterrupt:
+        report["ok"] = False
+        report["error"] = "interrupted"
     finally:
+        if placed and not options.keep:
+            # No saga of the run may still be moving when its rows are deleted, or a late
+            # step would write behind the cleanup (a sale for a deleted order).
+            log(f"waiting for the run's {len(placed)} orders to end before deleting them")
+            try:
+                wait_orders(placed, timeout)
+            except (BenchFailed, KeyboardInterrupt) as exc:
+                report["ok"] = False
+                report["error"] = (
+                    f"{report.get('error') or 'run'}; orders still moving at clean-up ({exc or 'interrupted'})"
+                )
         if workers:
             log("stopping the processes the bench started")
             workers.stop_all(warm=True)

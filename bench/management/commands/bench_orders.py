@@ -111,7 +111,8 @@ class Command(BaseCommand):
         super().run_from_argv(argv)
 
     def log(self, message: str) -> None:
-        self.stderr.write(f"bench_orders: {message}")
+        # Progress, not an error: stderr keeps stdout for the report, without Django's ERROR style.
+        self.stderr.write(f"bench_orders: {message}", style_func=str)
 
     def handle(self, *args, **o):
         own_world = o["spawn"] and not o["in_place"]
