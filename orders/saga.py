@@ -9,7 +9,7 @@ from celery import chain
 from celery.canvas import Signature
 
 from project.celery import app
-from project.saga import order_deadline
+from project.saga import deadline_context
 
 from .models import Order, OrderLine
 
@@ -30,13 +30,13 @@ def order_saga(order: Order, lines: list[OrderLine] | None = None) -> Signature:
     if lines is None:  # order_create passes the lines it just wrote: no query
         lines = order.lines.all()
     lines = sorted(lines, key=lambda line: line.product_id)
-    deadline = order_deadline(order.created_at.timestamp())
+    context = deadline_context(order.created_at.timestamp())
     return chain(
         _step(
             "inventory.stock_reserve",
             order_id=order.pk,
             lines=[{"product": line.product_id, "quantity": line.quantity} for line in lines],
-            deadline=deadline,
+            **context,
         ),
         _step(
             "reports.sale_record",
@@ -50,9 +50,9 @@ def order_saga(order: Order, lines: list[OrderLine] | None = None) -> Signature:
                 }
                 for line in lines
             ],
-            deadline=deadline,
+            **context,
         ),
-        _step("orders.order_confirm", order_id=order.pk, deadline=deadline),
+        _step("orders.order_confirm", order_id=order.pk, **context),
     )
 
 

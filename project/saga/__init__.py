@@ -104,9 +104,12 @@ def human_duration(seconds: float) -> str:
     return f"{hours} h" + (f" {minutes} min" if minutes else "")
 
 
-def order_deadline(created_at_timestamp: float) -> float:
-    """The Unix time (seconds) after which an order placed at `created_at_timestamp` is cancelled."""
-    return created_at_timestamp + settings.ORDER_DEADLINE_SECONDS
+def deadline_context(placed_at: float) -> dict[str, float]:
+    """The saga context a forward step's message carries: ``{"placed_at", "deadline"}`` in Unix seconds.
+
+    `placed_at` is when the order was placed; the deadline is ORDER_DEADLINE_SECONDS later.
+    """
+    return {"placed_at": placed_at, "deadline": placed_at + settings.ORDER_DEADLINE_SECONDS}
 
 
 def describe(exc: BaseException) -> str:
@@ -169,12 +172,20 @@ class SagaStep(Task):
     compensates = True
 
     def run_step(
-        self, order_id: Any, call: Callable[[], Any], *, deadline: Any = None, last_error: str = "", **_: Any
+        self,
+        order_id: Any,
+        call: Callable[[], Any],
+        *,
+        deadline: Any = None,
+        placed_at: Any = None,
+        last_error: str = "",
+        **_: Any,
     ) -> Any:
         """Run `call()` for the order, publish the chain's next step, and map what goes wrong (the module's docstring).
 
-        `deadline` is the order's deadline in Unix seconds (None: no deadline,
-        as for undo steps and messages from before deadlines existed).
+        `deadline` is the order's deadline and `placed_at` when it was placed,
+        in Unix seconds (None: no deadline, as for undo steps and messages from
+        before deadlines existed); `last_error` says why the previous attempt retried.
         """
         try:
             order_id = order_id_arg(order_id)
@@ -183,6 +194,9 @@ class SagaStep(Task):
             logger.error("%s rejected a malformed message %s: %s", self.name, self.request.id, exc)
             raise Reject(str(exc), requeue=False) from exc
         deadline = _deadline_arg(deadline)
+        placed_at = _deadline_arg(placed_at)
+        # On the request, not the task: a threads pool runs several at once.
+        self.request.saga_allowed = (deadline - placed_at) if deadline is not None and placed_at is not None else None
         if self._past(deadline):
             self._fail(order_id, self._deadline_reason(last_error or "no earlier error"), None)
         try:
@@ -210,10 +224,8 @@ class SagaStep(Task):
         return self.compensates and deadline is not None and time.time() > deadline
 
     def _deadline_reason(self, cause: str) -> str:
-        return (
-            f"order deadline passed after {human_duration(settings.ORDER_DEADLINE_SECONDS)}: "
-            f"{self.name} could not complete ({cause})"
-        )
+        allowed = getattr(self.request, "saga_allowed", None) or settings.ORDER_DEADLINE_SECONDS
+        return f"order deadline passed after {human_duration(allowed)}: {self.name} could not complete ({cause})"
 
     def _continue(self, order_id: int, deadline: float | None) -> None:
         """Publish the chain's next step now; a broker that cannot take it makes this step retry."""
