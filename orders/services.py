@@ -10,6 +10,7 @@ order at its deadline (docs/design.md, "The order row is the outbox record").
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -79,8 +80,8 @@ def _publish(saga, order_id: int) -> None:
     NULL tells the sweeper the saga is certainly not in the broker, so it is
     published at the next sweep without waiting for SAGA_TIMEOUT_SECONDS.
     """
-    faults.inject("orders.dispatch", order_id)  # drills: die between commit and publish
     try:
+        faults.inject("orders.dispatch", order_id)  # drills: die, or the broker refuses, between commit and publish
         saga.apply_async()
     except BROKER_ERRORS as exc:
         logger.warning("order %s: saga not published, the sweeper will (%s)", order_id, describe(exc))
@@ -335,7 +336,7 @@ def _where_it_stands(order_id: int) -> str:
 SWEEP_BATCH = 500
 
 
-def saga_sweep() -> dict[str, int]:
+def saga_sweep(*, in_flight: Callable[[], set[int] | None] = held_order_ids) -> dict[str, int]:
     """Move every stuck order on; returns what it did, by kind.
 
     All times are the database's (the processes' clocks need not agree):
@@ -351,7 +352,8 @@ def saga_sweep() -> dict[str, int]:
       left for a later sweep because that could not be known.
 
     A sweep that finds another started within half an interval does nothing
-    (``skipped``).
+    (``skipped``). `in_flight` answers what the broker and workers hold
+    (tests pass their own answer).
     """
     counts = {"published": 0, "expired": 0, "redispatched": 0, "recompensated": 0, "deferred": 0, "skipped": 0}
     if not _take_sweep_lease():
@@ -376,7 +378,7 @@ def saga_sweep() -> dict[str, int]:
     )
     stale = list(orders.filter(status=CANCELLING, updated_at__lt=cutoff).values_list("pk", flat=True)[:SWEEP_BATCH])
     if quiet or stale:
-        held = held_order_ids()
+        held = in_flight()
         if held is None:
             counts["deferred"] = len(quiet) + len(stale)
         else:

@@ -177,7 +177,7 @@ def test_pool_process_killed_mid_step(sweeper, user, make_product, step, moment)
 
 
 def test_step_that_always_kills_its_worker_is_retried_until_the_order_deadline(workers, user, make_product, settings):
-    """A lost worker is infrastructure: retried with backoff (retry_on_worker_lost, docs/celery.md 6) until the deadline."""
+    """A lost worker is infrastructure: retried with backoff (docs/celery.md 6) until the order's deadline."""
     settings.ORDER_DEADLINE_SECONDS = 8  # carried in the messages this process publishes
     product = make_product(stock=3)
     workers.set_faults({"reports.sale_record": {"action": "exit"}})

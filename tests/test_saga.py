@@ -166,8 +166,14 @@ def test_transient_errors_are_retried_then_succeed(workers, user, make_product):
     assert wait_terminal(order_id) == {order_id: "confirmed"}
     assert stock(product) == 2
     log = workers.log("inventory")
-    assert re.search(rf"inventory\.stock_reserve for order {order_id} hit OperationalError: injected transient error in inventory.stock_reserve, retry 1", log)
-    assert re.search(rf"inventory\.stock_reserve for order {order_id} hit OperationalError: injected transient error in inventory.stock_reserve, retry 2", log)
+    assert re.search(
+        rf"inventory\.stock_reserve for order {order_id} hit OperationalError: injected [^,]*, retry 1",
+        log,
+    )
+    assert re.search(
+        rf"inventory\.stock_reserve for order {order_id} hit OperationalError: injected [^,]*, retry 2",
+        log,
+    )
 
 
 def test_transient_errors_are_retried_until_the_order_deadline_then_compensated_saying_so(
@@ -186,7 +192,9 @@ def test_transient_errors_are_retried_until_the_order_deadline_then_compensated_
         "order deadline passed after 4 s: reports.sale_record could not complete "
         "(OperationalError: injected transient error in reports.sale_record)"
     )
-    assert len(re.findall(rf"reports\.sale_record for order {order_id} hit OperationalError", workers.log("reports"))) >= 3
+    assert (
+        len(re.findall(rf"reports\.sale_record for order {order_id} hit OperationalError", workers.log("reports"))) >= 3
+    )
     assert stock(product) == 3
     assert report(product).units_sold == 0
 

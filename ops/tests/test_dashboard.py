@@ -203,7 +203,7 @@ def test_the_page_shows_the_numbers_and_links_each_order(admin_client, history):
     assert "Stuck pending orders (2)" in content
     for order_id in (history["stuck_old"], history["stuck_never"]):
         assert f'href="{reverse("admin:orders_order_change", args=[order_id])}"' in content
-    assert '<td class="number">2 of 3</td>' in content
+    assert '<td class="number">2</td>' in content
     assert f'href="{reverse("admin:orders_cancelledorder_change", args=[9001])}"' in content
     assert "insufficient stock for product 7: wanted 3, have 1" in content
     assert '<td class="number unbalanced">2</td>' in content

@@ -33,7 +33,7 @@ from typing import Any
 
 from amqp.exceptions import AMQPError
 from celery import Task
-from celery.canvas import signature
+from celery.canvas import Signature, signature
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from django.conf import settings
 from kombu.exceptions import OperationalError as BrokerOperationalError
@@ -233,9 +233,7 @@ class SagaStep(Task):
         if not chain:
             return
         try:
-            signature(chain[-1], app=self.app).apply_async(
-                chain=chain[:-1] or None, parent_id=self.request.id, root_id=self.request.root_id or self.request.id
-            )
+            self.publish(signature(chain[-1], app=self.app), chain=chain[:-1] or None)
         except BROKER_ERRORS as exc:
             self._retry(order_id, exc, deadline)
         self.request.chain = None  # published: Celery's trace must not publish it again
@@ -251,7 +249,7 @@ class SagaStep(Task):
             self.request, None, kwargs, countdown=countdown, retries=self.request.retries + 1
         )
         try:
-            retry.apply_async()
+            self.publish(retry)
         except BROKER_ERRORS as publish_error:
             # Celery's own retry would drop the message here (Task.retry: Reject(requeue=False)).
             # Put it back instead: it runs again when a worker takes it.
@@ -273,7 +271,7 @@ class SagaStep(Task):
                 "orders.order_compensate", args=(order_id,), kwargs={"failure": reason}, immutable=True
             )
             try:
-                compensation.apply_async(parent_id=self.request.id, root_id=self.request.root_id or self.request.id)
+                self.publish(compensation)
             except BROKER_ERRORS as publish_error:
                 # Not compensated yet: run the step again later (it fails the same way, idempotently).
                 self._retry(order_id, publish_error, None)
@@ -282,6 +280,16 @@ class SagaStep(Task):
         if exc is None:
             raise Ignore()
         raise exc
+
+    def publish(self, message: Signature, **options: Any) -> None:
+        """Publish a message this step sends (its successor, its retry, a compensation) as this step's child.
+
+        Raises one of BROKER_ERRORS when the broker cannot take it within the publish timeout.
+        """
+        if "task_id" not in message.options:  # a retry keeps its task id
+            options.setdefault("parent_id", self.request.id)
+            options.setdefault("root_id", self.request.root_id or self.request.id)
+        message.apply_async(**options)
 
     def _note_failure(self, order_id: int, reason: str) -> None:
         if self.failure_note is None:
