@@ -239,9 +239,13 @@ class Workers:
         pool: str | None = None,
         loglevel: str = "INFO",
         options: Sequence[str] = (),
+        prefix: Sequence[str] = (),
     ) -> None:
-        """Start a `celery worker` consuming `queue` (not waiting for it: see `wait_ready`)."""
-        argv = [
+        """Start a `celery worker` consuming `queue` (not waiting for it: see `wait_ready`).
+
+        `prefix` goes before the interpreter (e.g. ``["faketime", "-f", "+60s"]``: a clock of its own).
+        """
+        argv = [*prefix,
             sys.executable, "-m", "celery", "-A", "project", "worker", "-Q", queue, "-n", self.node_name(queue),
             "-c", str(concurrency), "-l", loglevel, "--without-gossip", "--without-mingle",
         ]  # fmt: skip
