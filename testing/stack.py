@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -297,20 +297,21 @@ class Stack:
     def place_orders(
         self,
         n: int,
-        products: Sequence[int],
+        products: Sequence[int] = (),
         *,
         quantity: int = 1,
+        lines: Callable[[int], Sequence[tuple[int, int]]] | None = None,
         token: str | None = None,
         threads: int = 8,
         attempts: int = 1,
         timeout: float = 10.0,
         interval: float = 0.0,
     ) -> list[Reply]:
-        """`n` orders from `threads` concurrent clients, order i for products[i % len] × `quantity`.
+        """`n` orders from `threads` concurrent clients: order i is `lines(i)`, else products[i % len] × `quantity`.
 
-        `interval` (s) spaces the starts (a stream rather than a burst).
-        Replies in the order the orders were numbered; `order_ids` takes the
-        ids of those accepted.
+        `interval` (s) spaces the starts (a stream rather than a burst);
+        `attempts` and `timeout` as in `place_order`. Replies in the order the
+        orders were numbered; `order_ids` takes the ids of those accepted.
         """
         token = token or self.staff_token
         started = time.monotonic()
@@ -318,9 +319,8 @@ class Stack:
         def one(i: int) -> Reply:
             if interval:
                 time.sleep(max(0.0, started + i * interval - time.monotonic()))
-            return self.place_order(
-                [(products[i % len(products)], quantity)], token=token, attempts=attempts, timeout=timeout
-            )
+            order = lines(i) if lines is not None else [(products[i % len(products)], quantity)]
+            return self.place_order(order, token=token, attempts=attempts, timeout=timeout)
 
         with ThreadPoolExecutor(max_workers=threads) as pool:
             return list(pool.map(one, range(n)))
