@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from testing.instances import free_port
+from testing.instances import WEB_PORTS, free_port
 from testing.workers import BASE_DIR, SupervisionFailed, Workers, test_environment, wait_for
 
 SERVICE_QUEUES = ("orders", "inventory", "reports")
@@ -78,7 +78,7 @@ class Stack:
     ) -> None:
         self.directory = Path(directory).resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.port = web_port or free_port(32000, 34000)
+        self.port = web_port or free_port(*WEB_PORTS)
         self.start_timeout = start_timeout
         self.env = {
             **stack_environment(),
