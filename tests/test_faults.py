@@ -211,20 +211,24 @@ def test_a_bug_in_a_step_cancels_the_order_naming_it(workers, user, make_product
 
 
 @pytest.mark.parametrize(
-    ("limit", "options", "logged"),
+    ("limits", "blocked", "logged"),
     [
-        ("soft", ["--soft-time-limit", "2", "--time-limit", "30"], "Soft time limit (2s) exceeded"),
-        ("hard", ["--time-limit", "3"], "Hard time limit (3s) exceeded"),
+        ({"CELERY_TASK_SOFT_TIME_LIMIT": "2", "CELERY_TASK_TIME_LIMIT": "30"}, False, "Soft time limit (2s) exceeded"),
+        # Blocked where the soft limit cannot interrupt it (a lock wait in C): the hard limit kills the process.
+        ({"CELERY_TASK_SOFT_TIME_LIMIT": "2", "CELERY_TASK_TIME_LIMIT": "4"}, True, "Hard time limit (4s) exceeded"),
     ],
+    ids=["soft", "hard"],
 )
-def test_a_step_blocked_past_its_time_limit_runs_again(workers, user, make_product, limit, options, logged):
+def test_a_step_blocked_past_its_time_limit_runs_again(workers, user, make_product, limits, blocked, logged):
     """Blocked past a time limit is infrastructure: the step runs again (a retry, or the message put back)."""
     product = make_product(stock=3)
     workers.stop("inventory")
-    workers.start("inventory", options=options)
+    workers.start("inventory", env=limits)
     try:
         workers.wait_ready("inventory")
-        workers.set_faults({"inventory.stock_reserve": {"action": "sleep", "seconds": 6, "times": 1}})
+        workers.set_faults(
+            {"inventory.stock_reserve": {"action": "sleep", "seconds": 8, "times": 1, "blocked": blocked}}
+        )
 
         order_id = place(user, [(product, 1)])
 

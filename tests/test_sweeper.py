@@ -78,8 +78,9 @@ def test_a_cancel_is_not_stuck_behind_the_orders_own_queued_step(sweeper, user, 
 
 
 @pytest.mark.skipif(shutil.which("faketime") is None, reason="needs libfaketime (`make test-deps` installs it)")
-def test_the_sweeper_works_with_the_orders_worker_a_minute_ahead(sweeper, user, make_product):
+def test_the_sweeper_works_with_the_orders_worker_a_minute_ahead(sweeper, user, make_product, settings):
     """Beat's clock and the orders worker's differ by 60 s: sweeps still run, and publish what failed to publish."""
+    settings.ORDERFLOW_FAULTS_FILE = str(sweeper.faults_file)  # this process places the orders
     product = make_product(stock=50)
     sweeper.stop("orders")
     sweeper.start("orders", prefix=["faketime", "-f", "+60s"])
@@ -101,7 +102,8 @@ def test_the_sweeper_works_with_the_orders_worker_a_minute_ahead(sweeper, user, 
     assert_consistent()
 
 
-def test_the_publish_that_failed_is_sent_at_the_next_sweep_not_after_the_timeout(sweeper, user, make_product):
+def test_the_publish_that_failed_is_sent_at_the_next_sweep_not_after_the_timeout(sweeper, user, make_product, settings):
+    settings.ORDERFLOW_FAULTS_FILE = str(sweeper.faults_file)  # this process places the order
     product = make_product(stock=5)
     sweeper.set_faults({"orders.dispatch": {"action": "broker", "times": 1}})
     started = time.monotonic()
