@@ -250,13 +250,10 @@ class Workers:
         loglevel: str = "INFO",
         options: Sequence[str] = (),
         prefix: Sequence[str] = (),
-        env: Mapping[str, str] | None = None,
     ) -> None:
         """Start a `celery worker` consuming `queue` (not waiting for it: see `wait_ready`).
 
-        `prefix` goes before the interpreter (e.g. ``["faketime", "-f", "+60s"]``: a clock of its own);
-        `env` is added to this worker's environment (e.g. its time limits: the task's, from settings,
-        win over the command line's ``--time-limit``).
+        `prefix` goes before the interpreter (e.g. ``["faketime", "-f", "+60s"]``: a clock of its own).
         """
         argv = [*prefix,
             sys.executable, "-m", "celery", "-A", "project", "worker", "-Q", queue, "-n", self.node_name(queue),
@@ -264,7 +261,7 @@ class Workers:
         ]  # fmt: skip
         if pool:
             argv += ["-P", pool]
-        self.start_process(queue, [*argv, *options], log=f"worker-{queue}", env=env)
+        self.start_process(queue, [*argv, *options], log=f"worker-{queue}")
 
     def start_beat(self) -> None:
         self.start_process(
