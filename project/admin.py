@@ -11,9 +11,10 @@ from datetime import datetime
 from functools import wraps
 
 from django.contrib import admin
+from django.contrib.admin import helpers
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.contrib.admin.views.main import ChangeList
-from django.core.exceptions import BadRequest
+from django.core.exceptions import BadRequest, ValidationError
 from django.db import DataError, NotSupportedError, ProgrammingError, router, transaction
 from django.db.models.constants import LOOKUP_SEP
 from django.http import HttpRequest, HttpResponse
@@ -92,6 +93,19 @@ class GuardedModelAdmin(admin.ModelAdmin):
         if issubclass(changelist, GuardedChangeList):
             return changelist
         return type(f"Guarded{changelist.__name__}", (GuardedChangeList, changelist), {})
+
+    def response_action(self, request: HttpRequest, queryset):
+        # The selected ids are a POST's: each must be a value of the primary key
+        # (Django filters pk__in with them, and a 500 was the answer to "abc").
+        pk = self.opts.pk
+        for value in request.POST.getlist(helpers.ACTION_CHECKBOX_NAME):
+            try:
+                if "\x00" in value:
+                    raise ValidationError("null character")
+                pk.run_validators(pk.to_python(value))
+            except ValidationError as exc:
+                raise BadRequest(f"Not an id of {self.opts.verbose_name}: {value!r}") from exc
+        return super().response_action(request, queryset)
 
     def lookup_allowed(self, lookup: str, value: str, request: HttpRequest) -> bool:
         # False: Django answers 400 (DisallowedModelAdminLookup).

@@ -152,3 +152,19 @@ def test_a_regex_lookup_from_the_query_string_is_refused(superuser_client):
 
     assert superuser_client.get(f"{url}?status__regex=%5Epending%24").status_code == 400
     assert superuser_client.get(f"{url}?status__exact=pending").status_code == 200
+
+
+@pytest.mark.parametrize("label", registered())
+def test_crafted_selections_for_an_action_are_not_a_500(superuser_client, admin_superuser, rf, label):
+    model, model_admin = admin_for(label)
+    request = rf.get("/")
+    request.user = admin_superuser
+    url = reverse(f"admin:{model._meta.app_label}_{model._meta.model_name}_changelist")
+    answers = {}
+    for action in list(model_admin.get_actions(request)) or ["delete_selected"]:
+        for selected in ["abc", "\x00", "", HUGE, f"-{HUGE}", "1e3"]:
+            response = superuser_client.post(url, {"action": action, "index": "0", "_selected_action": [selected]})
+            answers[f"{action} {selected!r}"] = response.status_code
+
+    wrong = {what: status for what, status in answers.items() if status not in ALLOWED}
+    assert wrong == {}, f"{label}: {wrong}"
