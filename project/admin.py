@@ -2,9 +2,11 @@
 
 `AdminSite` is the project's default site (project.apps.AdminConfig): every
 ModelAdmin registered on it, the services' and Django's and DRF's alike, gets
-`GuardedChangeList`, so no crafted query string makes a changelist answer 500.
+`GuardedModelAdmin` mixed in, so no crafted query string makes an admin page
+answer 500 (docs/design.md §5).
 """
 
+import contextlib
 import logging
 from collections.abc import Callable
 from datetime import datetime
@@ -69,15 +71,18 @@ class GuardedChangeList(ChangeList):
     Django turns a lookup it cannot build into IncorrectLookupParameters (a
     redirect to `?e=1`, Django's own answer to "wacky lookup parameters"), but
     not a value the database refuses when the query runs. Here the count and
-    the page's rows are read inside a savepoint, so a refusal leaves the
-    request's transaction usable (PostgreSQL aborts a transaction on any
-    error), and becomes the same redirect.
+    the page's rows are read where a refusal is caught (in a savepoint when a
+    transaction is open, which PostgreSQL would otherwise abort), and it
+    becomes the same redirect.
     """
 
     def get_results(self, request: HttpRequest) -> None:
         using = router.db_for_read(self.model)
+        # A savepoint only inside a transaction: outside one nothing needs undoing, and
+        # on SQLite (transaction_mode IMMEDIATE) a transaction would take the write lock.
+        in_transaction = transaction.get_connection(using).in_atomic_block
         try:
-            with transaction.atomic(using=using):
+            with transaction.atomic(using=using) if in_transaction else contextlib.nullcontext():
                 super().get_results(request)
                 self.result_list._fetch_all()  # the page's rows, while refusals are still caught
         except REFUSED_VALUE_ERRORS as exc:

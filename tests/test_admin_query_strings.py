@@ -147,6 +147,18 @@ def test_a_value_the_database_refuses_is_djangos_invalid_lookup_redirect(superus
         assert superuser_client.get(response.url).status_code == 200
 
 
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("query", ["price__gte=1e999999", f"id__in=1,{HUGE}", "created_at__year=99999"])
+def test_a_value_the_database_refuses_outside_a_transaction_too(superuser_client, query):
+    # As in production: no request transaction around the changelist, so no savepoint either.
+    url = reverse("admin:inventory_product_changelist")
+
+    response = superuser_client.get(f"{url}?{query}")
+
+    assert response.status_code in (200, 302)
+    assert superuser_client.get(url).status_code == 200  # the connection is still usable
+
+
 def test_a_regex_lookup_from_the_query_string_is_refused(superuser_client):
     url = reverse("admin:orders_order_changelist")
 
