@@ -20,6 +20,8 @@ import environ
 from django.core.exceptions import ImproperlyConfigured
 from kombu import Queue
 
+from project import broker_publish
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
@@ -283,6 +285,14 @@ ORDERFLOW_FAULTS_FILE = env("ORDERFLOW_FAULTS_FILE", default=None)
 
 # --- Celery and the broker -----------------------------------------------------
 SERVICE_QUEUES = ("orders", "inventory", "reports")
+# Every publish (the web's on commit, a worker's next step, retry or error callback, beat's
+# sweep, a product event) completes within this or fails as "broker unavailable"
+# (project/broker_publish.py: connecting, declaring, writing and the publisher confirm together).
+# After such a failure, or a RabbitMQ resource alarm (connection.blocked), each process fails
+# its publishes at once and tries one every 2 s.
+BROKER_PUBLISH_TIMEOUT_SECONDS = env.float("BROKER_PUBLISH_TIMEOUT_SECONDS", default=1.0)
+if BROKER_PUBLISH_TIMEOUT_SECONDS <= 0:
+    raise ValueError(f"BROKER_PUBLISH_TIMEOUT_SECONDS={BROKER_PUBLISH_TIMEOUT_SECONDS}: expected seconds > 0")
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="") or "filesystem://localhost/"
 _BROKER_DIR = VAR_DIR / "broker"
 if CELERY_BROKER_URL.startswith("filesystem"):
@@ -301,8 +311,15 @@ if CELERY_BROKER_URL.startswith("filesystem"):
         "polling_interval": env.float("FILESYSTEM_POLLING_INTERVAL", default=0.05),
     }
 else:
-    # Publisher confirms: apply_async returns only once RabbitMQ has the message.
-    CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True}
+    # Publisher confirms (apply_async returns only once RabbitMQ has the message), and
+    # RabbitMQ's connection.blocked / unblocked (a memory or disk alarm) reported to
+    # project/broker_publish.py: a blocked publish fails at once, and the next ones until it clears.
+    CELERY_BROKER_TRANSPORT_OPTIONS = broker_publish.amqp_transport_options()
+# Bounded by project/broker_publish.py, which retries a dead pooled connection once itself:
+# Celery's own publish retries would each get the whole timeout again.
+CELERY_TASK_PUBLISH_RETRY = False
+# Waiting for a free producer (every one busy publishing) is part of the bound too.
+CELERY_BROKER_POOL_ACQUIRE_TIMEOUT = BROKER_PUBLISH_TIMEOUT_SECONDS
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_QUEUES = [Queue(name, routing_key=name, durable=True) for name in SERVICE_QUEUES]
 CELERY_TASK_DEFAULT_QUEUE = "orders"

@@ -1,5 +1,6 @@
 """Which database alias owns each service's tables (docs/design.md §6)."""
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from functools import partial
@@ -10,6 +11,10 @@ from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Model
 from django.utils import timezone
+
+from project.broker_publish import BrokerUnavailable
+
+logger = logging.getLogger(__name__)
 
 
 def service_db(service: str) -> str:
@@ -24,10 +29,33 @@ def after_commit(using: str, func: Callable[..., Any], /, *args: Any, robust: bo
     callback by: without it the AttributeError escaped instead of the broker
     error being logged (found by the RabbitMQ-restart drill: orders placed
     while the broker was down answered 500).
+
+    robust: an exception is logged, not raised (the commit stands). A publish
+    the broker could not take in time (project.broker_publish.BrokerUnavailable:
+    the caller's record, e.g. the pending order, is what gets it sent later) is
+    one warning line; anything else is Django's error log with its traceback.
     """
     callback = partial(func, *args, **kwargs)
-    callback.__qualname__ = getattr(func, "__qualname__", repr(func))
+    name = getattr(func, "__qualname__", repr(func))
+    if robust:
+        callback = partial(_quiet_when_broker_unavailable, callback, _call_text(name, args, kwargs))
+    callback.__qualname__ = name
     transaction.on_commit(callback, using=using, robust=robust)
+
+
+def _call_text(name: str, args: tuple, kwargs: dict) -> str:
+    """``name(12, order_id=12, …)``: the plain values of a call, for one log line."""
+    shown = [repr(a) if isinstance(a, int | str) else "…" for a in args]
+    shown += [f"{k}={v!r}" if isinstance(v, int | str) else f"{k}=…" for k, v in kwargs.items()]
+    return f"{name}({', '.join(shown)})"
+
+
+def _quiet_when_broker_unavailable(callback: Callable[[], Any], text: str) -> Any:
+    try:
+        return callback()
+    except BrokerUnavailable as exc:
+        logger.warning("on commit: %s not published: %s", text, exc)
+        return None
 
 
 class Statement:

@@ -1,0 +1,418 @@
+"""Every publish to the broker has a time bound (docs/design.md §3, issue 14).
+
+Celery publishes every message through one function,
+``app.amqp.send_task_message``: a task sent from the web on commit, a chain's
+next step, a retry (``Task.retry``), an error callback, beat's sweep, a product
+event. `AMQP` (installed as the app's ``amqp`` class in project/celery.py) wraps
+it in `bounded_publish`, so every one of them either completes within
+BROKER_PUBLISH_TIMEOUT_SECONDS or raises `BrokerUnavailable` — a kombu
+``OperationalError``, which saga steps already treat as transient.
+
+What Celery and kombu offer, and why it is not enough alone (Celery 5.7,
+kombu 5.7, py-amqp 5.4; docs/celery.md 17):
+
+* ``apply_async(timeout=, confirm_timeout=)`` reach py-amqp's
+  ``basic_publish`` (a socket-write timeout) and the publisher-confirm wait.
+  They bound neither connecting (``broker_connection_timeout``, 4 s per
+  attempt, retried with 2 s sleeps by ``Connection.default_channel``), nor the
+  queue declare and channel open that precede a publish (RPCs with no timeout),
+  nor Celery's publish retries (``task_publish_retry_policy``: each retry
+  reconnects and gets the whole timeout again).
+* RabbitMQ under a resource alarm stops reading from every connection that
+  publishes and sends it ``connection.blocked``
+  (https://www.rabbitmq.com/docs/connection-blocked); py-amqp reports it to an
+  ``on_blocked`` callback, but only while something reads the connection.
+
+So `bounded_publish` sets one deadline, connects with what is left of it (one
+attempt), puts the remaining time on the socket itself (every read and write of
+the declare, the publish and the confirm) and passes it as ``timeout`` and
+``confirm_timeout``; it does Celery's one useful retry itself (a pooled
+connection found dead, e.g. after a broker restart: reconnect once, within the
+same deadline). A ``connection.blocked`` that arrives while a publish waits ends
+that publish at once (`connection_blocked` raises `BrokerBlocked`). A publish
+that failed drops its connection without the closing handshake (a blocked or
+frozen broker would never answer it): an unconfirmed publish leaves the
+connection's confirms out of step, so it is never reused.
+
+After a publish timed out, or the broker said it is blocked, the process stops
+trying for RETRY_INTERVAL_SECONDS: every publish fails at once with the same
+reason, except one trial at a time after that interval, whose success (or a
+``connection.unblocked``) ends the outage. A web request therefore waits on a
+blocked or frozen broker at most once per interval per process, and the others
+answer at once. Whether a publish that timed out reached the broker is unknown:
+the saga's records (the order row, the idempotent steps) make sending it again
+safe.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from time import monotonic
+from typing import Any, TypeVar
+
+from celery.app import amqp as celery_amqp
+from celery.app import events as celery_events
+from celery.events.dispatcher import EventDispatcher
+from django.conf import settings
+from kombu import Connection, Producer
+from kombu.exceptions import OperationalError
+
+logger = logging.getLogger(__name__)
+
+#: After a publish timed out or the broker said it is blocked, how long every
+#: publish of this process fails at once before one is tried again (seconds).
+RETRY_INTERVAL_SECONDS = 2.0
+
+#: The routing key of `probe`'s message: no queue is bound to it, so RabbitMQ
+#: drops the message (and confirms it) at once.
+PROBE_ROUTING_KEY = "orderflow.publish-probe"
+
+T = TypeVar("T")
+
+
+class BrokerUnavailable(OperationalError):
+    """The broker did not take a message within BROKER_PUBLISH_TIMEOUT_SECONDS, or is known not to now.
+
+    `reason` says why in words ("timed out after 1.0 s", "blocked by the broker:
+    …", "disk full: …"); `code` is the API's error code for it.
+    """
+
+    code = "broker_unavailable"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"broker unavailable: {reason}")
+        self.reason = reason
+
+
+class BrokerBlocked(BrokerUnavailable):
+    """RabbitMQ blocks publishing (``connection.blocked``: a memory or disk alarm)."""
+
+
+class _Outage:
+    """This process's view of the broker: is publishing known to fail now? Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reason: str | None = None  # None: publishing works, as far as this process knows
+        self.blocked = False
+        self._retry_at = 0.0
+        self._trial = False
+
+    def admit(self) -> bool:
+        """Let a publish go ahead (True if it is the outage's trial), or raise BrokerUnavailable at once."""
+        with self._lock:
+            if self.reason is None:
+                return False
+            if self._trial or monotonic() < self._retry_at:
+                raise (BrokerBlocked if self.blocked else BrokerUnavailable)(self.reason)
+            self._trial = True
+            return True
+
+    def failed(self, reason: str, *, blocked: bool = False) -> None:
+        """Publishing failed for want of the broker: fail every publish at once for RETRY_INTERVAL_SECONDS."""
+        with self._lock:
+            if self.reason is None:
+                logger.warning(
+                    "broker unavailable: %s; publishes fail at once, one tried every %g s",
+                    reason,
+                    RETRY_INTERVAL_SECONDS,
+                )
+            self.reason, self.blocked = reason, blocked
+            self._retry_at = monotonic() + RETRY_INTERVAL_SECONDS
+            self._trial = False
+
+    def settled(self, trial: bool) -> None:
+        """A trial publish ended without an availability failure (or it was not a trial)."""
+        if trial:
+            with self._lock:
+                self._trial = False
+
+    def ok(self) -> None:
+        with self._lock:
+            if self.reason is not None:
+                logger.warning("broker available again (was: %s)", self.reason)
+            self.reason, self.blocked, self._trial = None, False, False
+
+    def state(self) -> str | None:
+        """None when publishing works as far as this process knows, else "blocked: …" or "unavailable: …"."""
+        with self._lock:
+            if self.reason is None:
+                return None
+            return f"{'blocked' if self.blocked else 'unavailable'}: {self.reason}"
+
+
+outage = _Outage()
+_local = threading.local()
+
+
+# --- py-amqp's connection.blocked / connection.unblocked (broker_transport_options) -----------
+
+
+def connection_blocked(reason: str) -> None:
+    """py-amqp's ``on_blocked``: RabbitMQ blocks this connection (a resource alarm). Raises inside a publish.
+
+    Called while py-amqp reads frames from a connection, so in a publish's own
+    thread; raising there ends the publish at once instead of waiting out its
+    timeout for a confirm that cannot come. Elsewhere (a worker's consumer
+    connection) only the state is kept.
+    """
+    outage.failed(f"blocked by the broker ({reason})", blocked=True)
+    if getattr(_local, "publishing", False):
+        raise BrokerBlocked(outage.reason or reason)
+
+
+def connection_unblocked() -> None:
+    """py-amqp's ``on_unblocked``: every resource alarm cleared."""
+    outage.ok()
+
+
+def amqp_transport_options() -> dict[str, Any]:
+    """Celery's ``broker_transport_options`` for RabbitMQ (py-amqp): publisher confirms, blocked/unblocked callbacks."""
+    return {"confirm_publish": True, "on_blocked": connection_blocked, "on_unblocked": connection_unblocked}
+
+
+# --- the bound --------------------------------------------------------------------
+
+
+def _timeout() -> float:
+    return float(settings.BROKER_PUBLISH_TIMEOUT_SECONDS)
+
+
+def _is_network(connection: Connection) -> bool:
+    return getattr(connection.transport, "driver_type", "") == "amqp"
+
+
+def _describe(exc: BaseException) -> str:
+    for error in _chain(exc):
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"disk full: {error}"
+    if isinstance(exc, TimeoutError) or "timed out" in str(exc):
+        return f"timed out after {_timeout():g} s"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _drop(connection: Connection) -> None:
+    """Forget the connection's socket without the closing handshake; the next use reconnects."""
+    try:
+        connection.collect()
+    except Exception:  # already half gone: nothing to keep
+        logger.debug("dropping a broker connection failed", exc_info=True)
+
+
+@contextmanager
+def bounded_connection(connection: Connection, deadline: float) -> Iterator[float]:
+    """Connect `connection` (one attempt) and bound every socket read and write until `deadline` (monotonic s).
+
+    Yields the seconds left once connected. On any error the connection is
+    dropped (`_drop`) and the error re-raised; connection.blocked raises
+    BrokerBlocked inside. Only for network transports (py-amqp).
+    """
+    _local.publishing = True
+    try:
+        if not connection.connected:
+            remaining = deadline - monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no time left to connect")
+            saved = connection.connect_timeout
+            connection.connect_timeout = remaining
+            try:
+                connection.ensure_connection(max_retries=0, interval_start=0, interval_step=0, interval_max=0)
+            finally:
+                connection.connect_timeout = saved
+        remaining = deadline - monotonic()
+        if remaining <= 0:
+            raise TimeoutError("no time left to publish")
+        sock = connection.connection.transport.sock
+        sock.settimeout(remaining)
+        try:
+            yield remaining
+        finally:
+            if connection.connected and connection.connection.transport.sock is sock:
+                sock.settimeout(None)
+    except BaseException:
+        _drop(connection)
+        raise
+    finally:
+        _local.publishing = False
+
+
+def _retryable_at_once(exc: BaseException, connection: Connection) -> bool:
+    """A pooled connection found dead (reset, closed): worth one reconnect. Not a timeout or a block."""
+    if isinstance(exc, BrokerBlocked | TimeoutError) or "timed out" in str(exc):
+        return False
+    return isinstance(exc, connection.recoverable_connection_errors + connection.connection_errors)
+
+
+def _unavailability(exc: BaseException, connection: Connection | None) -> bool:
+    """Whether `exc` means the broker could not take the message (not that it refused this one)."""
+    errors: tuple[type[BaseException], ...] = (TimeoutError, OSError, OperationalError)
+    if connection is not None:
+        errors += connection.recoverable_connection_errors + connection.connection_errors
+    return isinstance(exc, errors)
+
+
+def _publish_network(producer: Producer, connection: Connection, publish: Callable[[float], T]) -> T:
+    deadline = monotonic() + _timeout()
+    for attempt in (1, 2):
+        try:
+            with bounded_connection(connection, deadline) as left:
+                return publish(left)
+        except BrokerBlocked:
+            producer.revive(connection)  # its connection was dropped: a fresh channel next time
+            raise
+        except Exception as exc:
+            producer.revive(connection)
+            if attempt == 1 and _retryable_at_once(exc, connection) and monotonic() < deadline:
+                continue
+            if _unavailability(exc, connection):
+                reason = _describe(exc)
+                outage.failed(reason)
+                raise BrokerUnavailable(reason) from exc
+            raise
+    raise AssertionError("unreachable")
+
+
+def bounded_publish(producer: Producer, publish: Callable[[float], T], *, what: str = "a message") -> T:
+    """Run ``publish(seconds_left)`` on `producer` within BROKER_PUBLISH_TIMEOUT_SECONDS, or raise BrokerUnavailable.
+
+    Args:
+        producer: the kombu Producer whose connection `publish` uses.
+        publish: sends the message; gets the seconds left, to pass on as
+            ``timeout`` and ``confirm_timeout``. It must not retry by itself.
+        what: names the message in the debug log of a failure.
+
+    Raises BrokerUnavailable at once while the broker is known to be blocked or
+    unreachable (see the module docstring), BrokerBlocked when RabbitMQ blocks
+    the publish, BrokerUnavailable when it times out, cannot connect, or (the
+    embedded broker) the disk is full; any other error of `publish` (a message
+    the broker refused) unchanged.
+    """
+    trial = outage.admit()
+    try:
+        connection = producer.connection
+        if connection is not None and _is_network(connection):
+            result = _publish_network(producer, connection, publish)
+            outage.ok()
+            return result
+        # The embedded file broker: no socket to wait on; a full disk raises at once.
+        try:
+            return publish(_timeout())
+        except Exception as exc:
+            if any(isinstance(error, OSError) for error in _chain(exc)):
+                raise BrokerUnavailable(_describe(exc)) from exc
+            raise
+    except BrokerUnavailable as exc:
+        logger.debug("%s not published: %s", what, exc.reason)
+        raise
+    finally:
+        outage.settled(trial)
+
+
+def probe(app: Any) -> None:
+    """Publish one message nobody receives through `app`'s producer pool, within the bound.
+
+    /readyz's broker check (project/http/health.py): on RabbitMQ a connection
+    that only connects succeeds under a resource alarm, a publish does not.
+    Raises BrokerBlocked or BrokerUnavailable, at once while an outage is known
+    (see `_Outage`). On the embedded broker it only opens the connection (a
+    publish would leave a file behind); its disk is /readyz's disk check.
+    """
+    try:
+        producer_context = app.producer_pool.acquire(block=True, timeout=_timeout())
+    except Exception as exc:
+        raise BrokerUnavailable(f"no producer free within {_timeout():g} s") from exc
+    with producer_context as producer:
+        if not _is_network(producer.connection):
+            producer.connection.ensure_connection(max_retries=0)
+            return
+        bounded_publish(
+            producer,
+            lambda left: producer.publish(
+                b"",
+                exchange="",
+                routing_key=PROBE_ROUTING_KEY,
+                declare=[],
+                retry=False,
+                timeout=left,
+                confirm_timeout=left,
+                content_type="application/octet-stream",
+                content_encoding="binary",
+            ),
+            what="the readiness probe",
+        )
+
+
+class AMQP(celery_amqp.AMQP):
+    """Celery's AMQP helper, its one publishing function bounded by `bounded_publish`."""
+
+    def _create_task_sender(self) -> Callable[..., Any]:
+        send = super()._create_task_sender()
+
+        def send_task_message(producer: Producer, name: str, message: Any, **options: Any) -> Any:
+            # Celery's own retry (task_publish_retry, a callback's publish retry) reconnects
+            # and gets the whole timeout each time: bounded_publish retries instead.
+            options["retry"] = False
+
+            def publish(left: float) -> Any:
+                return send(producer, name, message, **{**options, "timeout": left, "confirm_timeout": left})
+
+            return bounded_publish(producer, publish, what=name)
+
+        return send_task_message
+
+
+class BoundedEventDispatcher(EventDispatcher):
+    """Celery's event dispatcher (task and worker events for Flower), each publish bounded.
+
+    A worker publishes events from its main loop: under a broker alarm an
+    unbounded confirm wait there would stop the worker (no acks, no results).
+    An event that cannot be sent in time is dropped, not buffered: events are
+    for monitors, and a buffer would grow for as long as the outage lasts.
+    """
+
+    def _publish(self, event, producer, routing_key, retry=False, retry_policy=None, **kwargs):
+        if producer is None:
+            return None
+        exchange = self.exchange
+        try:
+            return bounded_publish(
+                producer,
+                lambda left: producer.publish(
+                    event,
+                    routing_key=routing_key,
+                    exchange=exchange.name,
+                    retry=False,
+                    declare=[exchange],
+                    serializer=self.serializer,
+                    headers=self.headers,
+                    delivery_mode=self.delivery_mode,
+                    timeout=left,
+                    confirm_timeout=left,
+                ),
+                what=f"event {routing_key}",
+            )
+        except BrokerUnavailable:
+            return None
+        except Exception:
+            if not self.buffer_while_offline:
+                raise
+            self._outbound_buffer.append((event, routing_key))
+            return None
+
+
+class Events(celery_events.Events):
+    """Celery's events helper, its dispatcher `BoundedEventDispatcher`."""
+
+    dispatcher_cls = "project.broker_publish:BoundedEventDispatcher"
