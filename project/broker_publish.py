@@ -95,7 +95,8 @@ class BrokerBlocked(BrokerUnavailable):
 class _Outage:
     """This process's view of the broker: is publishing known to fail now? Thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, broker: str) -> None:
+        self.broker = broker
         self._lock = threading.Lock()
         self.reason: str | None = None  # None: publishing works, as far as this process knows
         self.blocked = False
@@ -117,7 +118,8 @@ class _Outage:
         with self._lock:
             if self.reason is None:
                 logger.warning(
-                    "broker unavailable: %s; publishes fail at once, one tried every %g s",
+                    "broker %s unavailable: %s; publishes fail at once, one tried every %g s",
+                    self.broker,
                     reason,
                     RETRY_INTERVAL_SECONDS,
                 )
@@ -134,7 +136,7 @@ class _Outage:
     def ok(self) -> None:
         with self._lock:
             if self.reason is not None:
-                logger.warning("broker available again (was: %s)", self.reason)
+                logger.warning("broker %s available again (was: %s)", self.broker, self.reason)
             self.reason, self.blocked, self._trial = None, False, False
 
     def state(self) -> str | None:
@@ -145,8 +147,35 @@ class _Outage:
             return f"{'blocked' if self.blocked else 'unavailable'}: {self.reason}"
 
 
-outage = _Outage()
+_outages: dict[str, _Outage] = {}
+_outages_lock = threading.Lock()
 _local = threading.local()
+
+
+def _broker_key(connection: Connection | None) -> str:
+    """Which broker a connection talks to (its URL without the password): each has an outage state of its own."""
+    return connection.as_uri() if connection is not None else ""
+
+
+def outage_of_broker(connection: Connection | None) -> _Outage:
+    """This process's outage state for the broker of `connection`."""
+    key = _broker_key(connection)
+    with _outages_lock:
+        outage = _outages.get(key)
+        if outage is None:
+            outage = _outages[key] = _Outage(key)
+        return outage
+
+
+def broker_state(app: Any) -> str | None:
+    """None when publishing to `app`'s broker works as far as this process knows, else "blocked: …"/"unavailable: …"."""
+    return outage_of_broker(app.connection_for_write()).state()
+
+
+def forget_outages() -> None:
+    """Believe every broker works again (tests: each starts from a clean slate)."""
+    with _outages_lock:
+        _outages.clear()
 
 
 # --- py-amqp's connection.blocked / connection.unblocked (broker_transport_options) -----------
@@ -155,19 +184,26 @@ _local = threading.local()
 def connection_blocked(reason: str) -> None:
     """py-amqp's ``on_blocked``: RabbitMQ blocks this connection (a resource alarm). Raises inside a publish.
 
-    Called while py-amqp reads frames from a connection, so in a publish's own
-    thread; raising there ends the publish at once instead of waiting out its
-    timeout for a confirm that cannot come. Elsewhere (a worker's consumer
-    connection) only the state is kept.
+    py-amqp reads frames, and so calls this, only while something waits on the
+    connection: for a publishing connection, inside a publish, in its own thread.
+    Raising there ends the publish at once instead of waiting out its timeout for
+    a confirm that cannot come, and the broker's outage state fails the next
+    ones at once. Outside a publish (a worker's consumer connection replying to
+    a remote-control command) there is no telling which broker: nothing is kept.
     """
+    outage = getattr(_local, "outage", None)
+    if outage is None:
+        logger.warning("broker connection blocked (%s)", reason)
+        return
     outage.failed(f"blocked by the broker ({reason})", blocked=True)
-    if getattr(_local, "publishing", False):
-        raise BrokerBlocked(outage.reason or reason)
+    raise BrokerBlocked(outage.reason or reason)
 
 
 def connection_unblocked() -> None:
     """py-amqp's ``on_unblocked``: every resource alarm cleared."""
-    outage.ok()
+    outage = getattr(_local, "outage", None)
+    if outage is not None:
+        outage.ok()
 
 
 def amqp_transport_options() -> dict[str, Any]:
@@ -219,7 +255,7 @@ def bounded_connection(connection: Connection, deadline: float) -> Iterator[floa
     dropped (`_drop`) and the error re-raised; connection.blocked raises
     BrokerBlocked inside. Only for network transports (py-amqp).
     """
-    _local.publishing = True
+    _local.outage = outage_of_broker(connection)
     try:
         if not connection.connected:
             remaining = deadline - monotonic()
@@ -245,7 +281,7 @@ def bounded_connection(connection: Connection, deadline: float) -> Iterator[floa
         _drop(connection)
         raise
     finally:
-        _local.publishing = False
+        _local.outage = None
 
 
 def _retryable_at_once(exc: BaseException, connection: Connection) -> bool:
@@ -263,7 +299,7 @@ def _unavailability(exc: BaseException, connection: Connection | None) -> bool:
     return isinstance(exc, errors)
 
 
-def _publish_network(producer: Producer, connection: Connection, publish: Callable[[float], T]) -> T:
+def _publish_network(producer: Producer, connection: Connection, publish: Callable[[float], T], outage: _Outage) -> T:
     deadline = monotonic() + _timeout()
     for attempt in (1, 2):
         try:
@@ -299,11 +335,12 @@ def bounded_publish(producer: Producer, publish: Callable[[float], T], *, what: 
     embedded broker) the disk is full; any other error of `publish` (a message
     the broker refused) unchanged.
     """
+    connection = producer.connection
+    outage = outage_of_broker(connection)
     trial = outage.admit()
     try:
-        connection = producer.connection
         if connection is not None and _is_network(connection):
-            result = _publish_network(producer, connection, publish)
+            result = _publish_network(producer, connection, publish, outage)
             outage.ok()
             return result
         # The embedded file broker: no socket to wait on; a full disk raises at once.
@@ -321,7 +358,7 @@ def bounded_publish(producer: Producer, publish: Callable[[float], T], *, what: 
 
 
 def probe(app: Any) -> None:
-    """Publish one message nobody receives through `app`'s producer pool, within the bound.
+    """Publish one message nobody receives on a connection of its own to `app`'s broker, within the bound.
 
     /readyz's broker check (project/http/health.py): on RabbitMQ a connection
     that only connects succeeds under a resource alarm, a publish does not.
@@ -329,29 +366,31 @@ def probe(app: Any) -> None:
     (see `_Outage`). On the embedded broker it only opens the connection (a
     publish would leave a file behind); its disk is /readyz's disk check.
     """
+    connection = app.connection_for_write()
+    if not _is_network(connection):
+        with connection:
+            connection.ensure_connection(max_retries=0)
+        return
+    producer = Producer(connection)
+    bounded_publish(
+        producer,
+        lambda left: producer.publish(
+            b"",
+            exchange="",
+            routing_key=PROBE_ROUTING_KEY,
+            retry=False,
+            timeout=left,
+            confirm_timeout=left,
+            content_type="application/octet-stream",
+            content_encoding="binary",
+        ),
+        what="the readiness probe",
+    )
     try:
-        producer_context = app.producer_pool.acquire(block=True, timeout=_timeout())
-    except Exception as exc:
-        raise BrokerUnavailable(f"no producer free within {_timeout():g} s") from exc
-    with producer_context as producer:
-        if not _is_network(producer.connection):
-            producer.connection.ensure_connection(max_retries=0)
-            return
-        bounded_publish(
-            producer,
-            lambda left: producer.publish(
-                b"",
-                exchange="",
-                routing_key=PROBE_ROUTING_KEY,
-                declare=[],
-                retry=False,
-                timeout=left,
-                confirm_timeout=left,
-                content_type="application/octet-stream",
-                content_encoding="binary",
-            ),
-            what="the readiness probe",
-        )
+        with bounded_connection(connection, monotonic() + _timeout()):
+            connection.release()  # the closing handshake, bounded too
+    except Exception:  # the message went out: a connection that fails to close changes nothing
+        logger.debug("closing the probe's connection failed", exc_info=True)
 
 
 class AMQP(celery_amqp.AMQP):

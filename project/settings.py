@@ -103,6 +103,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # A database, disk or broker outage raised by a view is a 503 with Retry-After, not a 500.
+    "project.http.errors.OutageMiddleware",
 ]
 
 ROOT_URLCONF = "project.urls"
@@ -342,6 +344,9 @@ CELERY_WORKER_LOST_WAIT = env.float("CELERY_WORKER_LOST_WAIT", default=10.0)
 # /readyz reports a service queue as "stalled" when messages wait and no consumer
 # took one for this long (project/http/health.py; seconds).
 CONSUMER_STALL_SECONDS = env.float("CONSUMER_STALL_SECONDS", default=60.0)
+# /readyz is 503 "disk full" when a local folder the processes write (SQLite, the file broker,
+# the throttle's file cache) has less free space than this (MB), or refuses a small write.
+DISK_FREE_MIN_MB = env.float("DISK_FREE_MIN_MB", default=64.0)
 # Tasks reuse database connections as requests do (CONN_MAX_AGE): the
 # handlers in project/celery.py close old connections around each task, so
 # Celery's own close-after-every-task is turned off here.

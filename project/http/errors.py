@@ -2,18 +2,36 @@
 
 Every API error body is ``{"code": str, "detail": str, "fields": {...}}``;
 ``fields`` is present only for input errors and maps a field path to messages.
+
+An outage that retrying can outlast — the database unreachable, read-only or
+busy, a full disk, the broker unavailable — is a ``503`` with ``Retry-After``
+(`outage_of` classifies it), from the API, the admin and any other page alike.
 """
 
+import errno
+import logging
+import sqlite3
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from html import escape
 from typing import Any
 
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.http import Http404, JsonResponse
+from django.db import InterfaceError
+from django.http import Http404, HttpResponse, JsonResponse
 from django.views import defaults
+from kombu.exceptions import OperationalError as BrokerOperationalError
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.serializers import as_serializer_error
 from rest_framework.views import exception_handler as drf_exception_handler
+from rest_framework.views import set_rollback
+
+from project.broker_publish import BrokerBlocked, BrokerUnavailable
+
+logger = logging.getLogger(__name__)
 
 
 class ApplicationError(Exception):
@@ -62,7 +80,184 @@ def error_body(code: str, detail: str, fields: dict[str, Any] | None = None) -> 
     return body
 
 
+# --- outages: 503 with Retry-After -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outage:
+    """A failure that retrying later can outlast: the API's code and detail, and when to retry (seconds)."""
+
+    code: str
+    detail: str
+    retry_after: int
+    #: For /readyz: "unavailable", "read-only", "busy", "disk full", "blocked".
+    state: str
+
+
+DATABASE_UNAVAILABLE = Outage(
+    "database_unavailable", "The database is unavailable. Try again shortly.", 5, "unavailable"
+)
+DATABASE_READ_ONLY = Outage(
+    "database_read_only",
+    "The database accepts no writes at the moment (read-only, e.g. during a failover). Try again later.",
+    30,
+    "read-only",
+)
+DATABASE_BUSY = Outage(
+    "database_busy", "The database is busy (a lock or a conflicting transaction). Try again.", 1, "busy"
+)
+DISK_FULL = Outage("disk_full", "The server's disk is full. Try again later.", 60, "disk full")
+BROKER_UNAVAILABLE = Outage(
+    "broker_unavailable", "The message broker is unavailable. Try again shortly.", 5, "unavailable"
+)
+BROKER_BLOCKED = Outage(
+    "broker_unavailable",
+    "The message broker accepts no messages at the moment (a resource alarm). Try again later.",
+    10,
+    "blocked",
+)
+
+# SQLSTATE (PostgreSQL, Appendix A "PostgreSQL Error Codes"): whole classes, then single codes.
+_SQLSTATE_CLASSES = {"08": DATABASE_UNAVAILABLE}  # connection exception
+_SQLSTATES = {
+    "25006": DATABASE_READ_ONLY,  # read_only_sql_transaction
+    "53000": DATABASE_UNAVAILABLE,  # insufficient_resources
+    "53100": DISK_FULL,  # disk_full
+    "53200": DATABASE_UNAVAILABLE,  # out_of_memory
+    "53300": DATABASE_UNAVAILABLE,  # too_many_connections
+    "57P01": DATABASE_UNAVAILABLE,  # admin_shutdown
+    "57P02": DATABASE_UNAVAILABLE,  # crash_shutdown
+    "57P03": DATABASE_UNAVAILABLE,  # cannot_connect_now (starting up, recovering)
+    "57P05": DATABASE_UNAVAILABLE,  # idle_session_timeout
+    "40001": DATABASE_BUSY,  # serialization_failure
+    "40P01": DATABASE_BUSY,  # deadlock_detected
+    "55P03": DATABASE_BUSY,  # lock_not_available
+}
+# SQLite's primary result codes (https://www.sqlite.org/rescode.html).
+_SQLITE_CODES = {
+    5: DATABASE_BUSY,  # SQLITE_BUSY: "database is locked" after the busy timeout
+    6: DATABASE_BUSY,  # SQLITE_LOCKED
+    8: DATABASE_READ_ONLY,  # SQLITE_READONLY: "attempt to write a readonly database"
+    10: DATABASE_UNAVAILABLE,  # SQLITE_IOERR: "disk I/O error"
+    13: DISK_FULL,  # SQLITE_FULL: "database or disk is full"
+    14: DATABASE_UNAVAILABLE,  # SQLITE_CANTOPEN: "unable to open database file"
+}
+_SQLITE_MESSAGES = {
+    "database is locked": DATABASE_BUSY,
+    "attempt to write a readonly database": DATABASE_READ_ONLY,
+    "disk i/o error": DATABASE_UNAVAILABLE,
+    "database or disk is full": DISK_FULL,
+    "unable to open database file": DATABASE_UNAVAILABLE,
+}
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and what caused it (``__cause__``, else ``__context__``), outermost first."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def outage_of(exc: BaseException) -> Outage | None:
+    """The outage `exc` stands for, or None when it is not one (a bug, a refused request: a 500 or 4xx).
+
+    Looks through the exception's causes, as Django wraps the driver's error:
+
+    * PostgreSQL (psycopg2's ``pgcode``, psycopg 3's ``sqlstate``): class 08
+      (connection exception), 57P01-57P03 (shutdown, cannot connect now),
+      53xxx (insufficient resources; 53100 disk full), 25006 (read-only
+      transaction), 40001/40P01/55P03 (serialization failure, deadlock, lock
+      not available: busy). A driver ``OperationalError`` or ``InterfaceError``
+      with no SQLSTATE is a failed or lost connection.
+    * SQLite (``sqlite_errorcode``, else the message): SQLITE_FULL, _READONLY,
+      _BUSY/_LOCKED, _IOERR, _CANTOPEN.
+    * ``OSError`` ENOSPC/EDQUOT anywhere (the embedded broker's folder, the
+      throttle's file cache): disk full.
+    * project.broker_publish.BrokerBlocked / BrokerUnavailable, kombu's
+      ``OperationalError``: the broker.
+    """
+    for error in _chain(exc):
+        if isinstance(error, BrokerBlocked):
+            return BROKER_BLOCKED
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return DISK_FULL
+    for error in _chain(exc):
+        if isinstance(error, sqlite3.Error):
+            code = getattr(error, "sqlite_errorcode", None)
+            if code is not None and code & 0xFF in _SQLITE_CODES:
+                return _SQLITE_CODES[code & 0xFF]
+            message = str(error).lower()
+            for text, outage in _SQLITE_MESSAGES.items():
+                if text in message:
+                    return outage
+            return None
+        sqlstate = getattr(error, "pgcode", None) or getattr(error, "sqlstate", None)
+        if isinstance(sqlstate, str) and len(sqlstate) == 5:
+            return _SQLSTATES.get(sqlstate) or _SQLSTATE_CLASSES.get(sqlstate[:2])
+        if type(error).__module__.partition(".")[0] in ("psycopg2", "psycopg") and type(error).__name__ in (
+            "OperationalError",
+            "InterfaceError",
+        ):
+            return DATABASE_UNAVAILABLE  # no SQLSTATE: the connection failed or was lost
+        if isinstance(error, BrokerUnavailable | BrokerOperationalError):
+            return BROKER_UNAVAILABLE
+    if isinstance(exc, InterfaceError):  # Django's own "connection already closed"
+        return DATABASE_UNAVAILABLE
+    return None
+
+
+def _log_outage(outage: Outage, exc: BaseException, where: str) -> None:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    logger.warning("%s: 503 %s (%s: %s)", where, outage.code, type(exc).__name__, first_line)
+
+
+def outage_response(outage: Outage, request=None) -> HttpResponse:
+    """The 503 for `outage`: the API's JSON shape under /api/ (and for JSON clients), a short page elsewhere."""
+    wants_json = request is None or request.path.startswith("/api/")
+    if wants_json:
+        response: HttpResponse = JsonResponse(error_body(outage.code, outage.detail), status=503)
+    else:
+        title = "<!doctype html><title>Service unavailable</title><h1>Service unavailable</h1>"
+        page = f"{title}<p>{escape(outage.detail)}</p>"
+        response = HttpResponse(page, status=503, content_type="text/html; charset=utf-8")
+    response["Retry-After"] = str(outage.retry_after)
+    return response
+
+
+class OutageMiddleware:
+    """An outage raised by any view (the admin's included) is a 503 with Retry-After, not a 500.
+
+    The API's views answer it themselves (`exception_handler`); this catches
+    the rest. An outage raised outside a view (a middleware saving the session)
+    reaches `server_error_view`, which answers the same.
+    """
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        return self.get_response(request)
+
+    def process_exception(self, request, exception):
+        outage = outage_of(exception)
+        if outage is None:
+            return None
+        _log_outage(outage, exception, f"{request.method} {request.path}")
+        return outage_response(outage, request)
+
+
 def exception_handler(exc: Exception, context: dict) -> Response | None:
+    outage = outage_of(exc)
+    if outage is not None:
+        set_rollback()
+        request = context.get("request")
+        _log_outage(outage, exc, f"{request.method} {request.path}" if request is not None else "API")
+        return Response(
+            error_body(outage.code, outage.detail), status=503, headers={"Retry-After": str(outage.retry_after)}
+        )
     if isinstance(exc, ApplicationError):
         return Response(error_body(exc.code, exc.message, exc.fields), status=exc.http_status)
     if isinstance(exc, DjangoValidationError):
@@ -96,6 +291,15 @@ def not_found_view(request, exception=None):
 
 
 def server_error_view(request):
+    """500, or 503 with Retry-After when the error is an outage (`outage_of`) raised outside any view.
+
+    Django calls it while handling the exception, so ``sys.exc_info()`` holds it.
+    """
+    exc = sys.exc_info()[1]
+    outage = outage_of(exc) if exc is not None else None
+    if outage is not None:
+        _log_outage(outage, exc, f"{request.method} {request.path}")
+        return outage_response(outage, request)
     if request.path.startswith("/api/"):
         return JsonResponse(error_body("server_error", "The server failed; the error was logged."), status=500)
     return defaults.server_error(request)
