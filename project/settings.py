@@ -236,6 +236,11 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {"OrderStatusEnum": "orders.models.Order.Status"},
     # Every API URL also answers without its trailing slash (project/urls.py); the schema names each once.
     "PREPROCESSING_HOOKS": ["project.http.schema.one_path_per_endpoint"],
+    # drf-spectacular's own enum hook, then: every operation documents its 503 (project.http.errors).
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "project.http.schema.document_outages",
+    ],
 }
 
 # --- Throttles -----------------------------------------------------------------
