@@ -381,6 +381,12 @@ class RabbitMQNode:
             )
         return done.stdout
 
+    def add_vhost(self, name: str) -> str:
+        """A virtual host `name` that guest may use fully; its URL (amqp://guest:guest@127.0.0.1:PORT/NAME)."""
+        self.ctl("add_vhost", name)
+        self.ctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/{name}"
+
     def eval(self, expression: str) -> str:
         """An Erlang expression evaluated on the node (`rabbitmqctl eval`), its printed result."""
         return self.ctl("eval", expression).strip()
@@ -575,8 +581,13 @@ class PostgresCluster:
         """pg_dropcluster --stop: the server, its data and configuration are gone."""
         self.thaw()
         if self.created:  # never a cluster of the same name that this object did not create
+            postmaster = self.postmaster_pid()
             self._run(["pg_dropcluster", "--stop", self.version, self.name])
             self.created = False
+            # pg_ctl returns when the pid file is gone; the process ends a moment later.
+            deadline = time.monotonic() + 10
+            while postmaster is not None and _alive(postmaster) and time.monotonic() < deadline:
+                time.sleep(0.05)
         _live.pop(id(self), None)
 
     def __enter__(self) -> "PostgresCluster":

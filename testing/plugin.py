@@ -1,20 +1,32 @@
-"""The pytest plugin of the suite (`-p testing.plugin`): real Celery workers for saga tests.
+"""The suite's pytest plugin (`-p testing.plugin`): real Celery workers for saga tests, private instances for drills.
 
 Saga tests (`@pytest.mark.saga`) ask for `workers`: one real `celery worker`
 process per service queue, for the whole session, against the broker and
 database the settings name (SQLite + filesystem broker by default,
 PostgreSQL + RabbitMQ when DATABASE_URL and CELERY_BROKER_URL are set), on
 pytest-django's test database.
+
+Fault drills that block, freeze or stop a broker or a database ask for
+`rabbitmq_node`, `postgres_cluster` or `drill_stack`: a RabbitMQ node and a
+PostgreSQL cluster of the test's own (testing/instances.py), and the whole
+system running on them (testing/stack.py), all removed after the test. Such
+tests get the `private_instances` marker by themselves.
 """
 
+import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from django.conf import settings
 from pytest_django.fixtures import validate_django_db
 
+from testing.instances import PostgresCluster, RabbitMQNode, postgres_available, rabbitmq_available
+from testing.stack import Stack
 from testing.workers import Workers, purge_queues, quiesce
+
+# The fixtures that start private instances; a test using one is marked `private_instances`.
+PRIVATE_INSTANCE_FIXTURES = {"rabbitmq_node", "postgres_cluster", "drill_stack"}
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -35,6 +47,9 @@ def pytest_collection_modifyitems(items):
     transactional test. With one database this changes nothing.
     """
     for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if PRIVATE_INSTANCE_FIXTURES & fixtures and not item.get_closest_marker("private_instances"):
+            item.add_marker(pytest.mark.private_instances)
         marker = item.get_closest_marker("django_db")
         if marker is None and not {"db", "transactional_db", "live_server"} & set(getattr(item, "fixturenames", ())):
             continue
@@ -111,3 +126,73 @@ def sweeper(workers: Workers) -> Workers:
     """Celery beat running the saga sweeper every second (saga timeout: SWEEP_TIMEOUT_SECONDS)."""
     workers.start_beat()
     return workers
+
+
+# --- private instances (testing/instances.py, testing/stack.py) ------------------------------
+
+_cluster_numbers = itertools.count(1)
+
+
+def _instance_options(request) -> dict:
+    """The keyword arguments of the test's `private_instances` marker, e.g. consumer_timeout=5000."""
+    marker = request.node.get_closest_marker("private_instances")
+    return dict(marker.kwargs) if marker else {}
+
+
+@pytest.fixture
+def rabbitmq_node(request, tmp_path_factory) -> Iterator[RabbitMQNode]:
+    """A RabbitMQ node of this test's own on free ports (about 5 s to start), stopped and deleted after it.
+
+    `@pytest.mark.private_instances(consumer_timeout=MS)` sets the node's
+    consumer_timeout. Skipped where the rabbitmq-server package is missing.
+    """
+    reason = rabbitmq_available()
+    if reason:
+        pytest.skip(f"no private RabbitMQ node: {reason}")
+    options = _instance_options(request)
+    node = RabbitMQNode(tmp_path_factory.mktemp("rabbitmq"), consumer_timeout=options.get("consumer_timeout"))
+    with node:  # removed on the way out, pass or fail
+        yield node
+
+
+@pytest.fixture
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A PostgreSQL cluster of this test's own on a free port (about 3 s), dropped after it.
+
+    Named drill_<pid>_<n>. Skipped where postgresql-common is missing or not root.
+    """
+    reason = postgres_available()
+    if reason:
+        pytest.skip(f"no private PostgreSQL cluster: {reason}")
+    with PostgresCluster(f"drill_{os.getpid()}_{next(_cluster_numbers)}") as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def drill_stack(rabbitmq_node, postgres_cluster, tmp_path_factory) -> Iterator[Callable[..., Stack]]:
+    """drill_stack(**settings) -> a started Stack on the private node and cluster (about 6 s), stopped after the test.
+
+    Settings are environment variables for every process of the stack
+    (`drill_stack(SAGA_TIMEOUT_SECONDS=30)`). Each call gets a database of its
+    own (orderflow_1, orderflow_2, ...) and, after the first, a vhost of its own.
+    """
+    stacks: list[Stack] = []
+
+    def make(**overrides) -> Stack:
+        n = len(stacks) + 1
+        database_url = postgres_cluster.create_database(f"orderflow_{n}")
+        broker_url = rabbitmq_node.url if n == 1 else rabbitmq_node.add_vhost(f"stack{n}")
+        stack = Stack(
+            tmp_path_factory.mktemp("stack"),
+            database_url=database_url,
+            broker_url=broker_url,
+            settings={key: str(value) for key, value in overrides.items()},
+        )
+        stacks.append(stack)
+        return stack.start()
+
+    try:
+        yield make
+    finally:
+        for stack in stacks:
+            stack.stop()

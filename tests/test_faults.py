@@ -4,7 +4,8 @@ Workers are killed with SIGKILL mid-step, the broker and the database are
 stopped or cut off while orders flow, a process dies between commit and
 publish. Each scenario ends with every order terminal (confirmed, or deleted
 with a CancelledOrder) and the consistency audit clean. Tests that stop
-RabbitMQ or PostgreSQL restore them in `finally`, pass or fail.
+RabbitMQ or PostgreSQL stop a node or cluster of their own (testing/instances.py,
+the `drill_stack` fixture), never the machine's shared ones.
 """
 
 import re
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,6 @@ from testing import BASE_DIR, SWEEP_TIMEOUT_SECONDS, wait_for
 
 pytestmark = [pytest.mark.saga, pytest.mark.faults, pytest.mark.timeout(300)]
 
-ON_RABBITMQ = settings.CELERY_BROKER_URL.startswith(("amqp", "pyamqp"))
 ON_POSTGRES = settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
 # Long enough for the sweeper to re-dispatch every lost order SAGA_MAX_ATTEMPTS times.
 END_WITHIN = SWEEP_TIMEOUT_SECONDS * 4 + 60
@@ -212,24 +213,41 @@ def test_whole_worker_killed_mid_step_then_restarted(sweeper, user, goods):
 # --- broker and database outages ---------------------------------------------------
 
 
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+def stream_lines(products: list[int]):
+    """Order i of a stream: like `Stream`'s, one or two units, every fourth order with a second product."""
+
+    def lines(i: int) -> list[tuple[int, int]]:
+        order = [(products[i % len(products)], 1 + i % 2)]
+        if i % 4 == 0:
+            order.append((products[(i + 1) % len(products)], 1))
+        return order
+
+    return lines
 
 
-@pytest.mark.skipif(not ON_RABBITMQ, reason="stops RabbitMQ; runs with CELERY_BROKER_URL=amqp://…")
-def test_rabbitmq_restarted_while_orders_flow(sweeper, user, goods):
-    initial = initial_stock(goods)
-    try:
-        with Stream(user, goods, 30, interval=0.1) as stream:
-            time.sleep(1)
-            _rabbitmqctl("stop_app")
-            time.sleep(3)
-            _rabbitmqctl("start_app")
-    finally:
-        _rabbitmqctl("start_app")  # idempotent: RabbitMQ is back whatever happened
-        _rabbitmqctl("await_startup")
-    states = check_books(goods, stream.ids, initial)
+def stack_goods(stack) -> dict[int, int]:
+    """`goods`' three products, made through the stack's API: {id: initial stock}."""
+    return {stack.create_product(stock=stock): stock for stock in (12, 6, 30)}
+
+
+def test_rabbitmq_restarted_while_orders_flow(drill_stack, rabbitmq_node):
+    """A private RabbitMQ node stops and starts its broker while HTTP clients place 30 orders."""
+    stack = drill_stack()
+    initial = stack_goods(stack)
+    with ThreadPoolExecutor(1) as client:
+        # A careful client: no answer or a 5xx is sent again, with the same Idempotency-Key.
+        placing = client.submit(
+            stack.place_orders, 30, lines=stream_lines(list(initial)), threads=1, interval=0.1, attempts=100
+        )
+        time.sleep(1)
+        rabbitmq_node.ctl("stop_app")
+        time.sleep(3)
+        rabbitmq_node.ctl("start_app")
+        replies = placing.result(timeout=240)
+    assert [reply.status for reply in replies] == [202] * 30, replies
+    states = stack.wait_terminal(stack.order_ids(replies), timeout=END_WITHIN)
     assert len(states) == 30
+    stack.check_books(initial)
 
 
 def _terminate_backends() -> int:
@@ -254,32 +272,21 @@ def test_postgres_connections_killed_while_orders_flow(sweeper, user, goods):
     assert len(states) == 40
 
 
-def _pg_ctl(action: str) -> None:
-    version = sorted(Path("/etc/postgresql").iterdir())[0].name
-    subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
-
-
-def _pg_ready() -> bool:
-    return subprocess.run(["pg_isready", "-h", "127.0.0.1", "-q"], check=False).returncode == 0
-
-
-@pytest.mark.skipif(not ON_POSTGRES, reason="restarts PostgreSQL; runs with DATABASE_URL=postgres://…")
-def test_postgres_restarted_while_orders_flow(sweeper, user, goods):
-    initial = initial_stock(goods)
-    try:
-        with Stream(user, goods, 30, interval=0.1) as stream:
-            time.sleep(1)
-            _pg_ctl("restart")
-    finally:
-        if not _pg_ready():
-            _pg_ctl("start")
-        wait_for(_pg_ready, timeout=60, what="PostgreSQL")
-    connections.close_all()
-    states = check_books(goods, stream.ids, initial)
+def test_postgres_restarted_while_orders_flow(drill_stack, postgres_cluster):
+    """A private PostgreSQL cluster restarts (fast shutdown) while HTTP clients place 30 orders."""
+    stack = drill_stack()
+    initial = stack_goods(stack)
+    with ThreadPoolExecutor(1) as client:
+        placing = client.submit(
+            stack.place_orders, 30, lines=stream_lines(list(initial)), threads=1, interval=0.1, attempts=100
+        )
+        time.sleep(1)
+        postgres_cluster.restart()
+        replies = placing.result(timeout=240)
+    assert [reply.status for reply in replies] == [202] * 30, replies
+    states = stack.wait_terminal(stack.order_ids(replies), timeout=END_WITHIN)
     assert len(states) == 30
+    stack.check_books(initial)
 
 
 # --- crash between commit and publish ---------------------------------------------------
