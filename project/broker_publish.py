@@ -60,6 +60,7 @@ from celery.events.dispatcher import EventDispatcher
 from django.conf import settings
 from kombu import Connection, Producer
 from kombu.exceptions import OperationalError
+from kombu.pools import ProducerPool
 
 logger = logging.getLogger(__name__)
 
@@ -393,8 +394,42 @@ def probe(app: Any) -> None:
         logger.debug("closing the probe's connection failed", exc_info=True)
 
 
+class BoundedProducer(Producer):
+    """A kombu Producer whose every publish is bounded (`bounded_publish`), without retries of its own.
+
+    The producers of the app's pool (`AMQP.producer_pool`) and of beat are
+    these: Celery's remote control (``inspect``, ``ping``: kombu's Mailbox
+    publishes a broadcast, and each worker its reply, through the pool with
+    ``retry=True``) is bounded like a task. A publish already inside
+    `bounded_publish` (a task's, through `AMQP`) passes straight through.
+    """
+
+    def publish(self, body, *args, **kwargs):
+        if getattr(_local, "outage", None) is not None:
+            return super().publish(body, *args, **kwargs)
+        kwargs["retry"] = False
+        publish = super().publish
+
+        def bounded(left: float):
+            return publish(body, *args, **{**kwargs, "timeout": left, "confirm_timeout": left})
+
+        return bounded_publish(self, bounded, what=f"a message to {kwargs.get('exchange') or 'the default exchange'}")
+
+
 class AMQP(celery_amqp.AMQP):
-    """Celery's AMQP helper, its one publishing function bounded by `bounded_publish`."""
+    """Celery's AMQP helper: its one task-publishing function bounded by `bounded_publish`, its producers bounded."""
+
+    Producer = BoundedProducer
+
+    @property
+    def producer_pool(self) -> ProducerPool:
+        # Celery's own takes kombu's shared pool of plain Producers (kombu.pools.producers);
+        # this one makes BoundedProducers. Celery drops it in a forked child (Celery._after_fork).
+        if self._producer_pool is None:
+            self._producer_pool = ProducerPool(self.app.pool, limit=self.app.pool.limit, Producer=BoundedProducer)
+        return self._producer_pool
+
+    publisher_pool = producer_pool
 
     def _create_task_sender(self) -> Callable[..., Any]:
         send = super()._create_task_sender()

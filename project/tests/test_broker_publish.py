@@ -124,6 +124,28 @@ def test_a_memory_alarm_fails_every_publish_at_once_and_publishing_resumes_after
     assert broker_publish.broker_state(app) is None
 
 
+def test_remote_control_under_an_alarm_fails_within_the_bound(app, node):
+    """kombu's Mailbox broadcasts (inspect, ping: the sweeper asks the workers) through the app's producer pool."""
+    outcome: list[BaseException | list] = []
+
+    def ping():
+        try:
+            outcome.append(app.control.ping(timeout=0.5))
+        except Exception as exc:
+            outcome.append(exc)
+
+    with node.memory_alarm():
+        thread = threading.Thread(target=ping, daemon=True)
+        started = time.monotonic()
+        thread.start()
+        thread.join(CEILING * 2)
+        seconds = time.monotonic() - started
+        assert not thread.is_alive(), "the broadcast is still waiting on the broker"
+
+    assert isinstance(outcome[0], BrokerUnavailable), outcome
+    assert seconds < CEILING
+
+
 def test_a_disk_alarm_blocks_like_a_memory_alarm(app, node):
     with node.disk_alarm():
         outcome, seconds = send(app)
