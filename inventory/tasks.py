@@ -11,11 +11,12 @@ class InventoryStep(SagaStep):
     failure_note = staticmethod(services.stock_failure_note)
 
 
+# `saga`: the saga's context (deadline, last_error), read by SagaStep.run_step.
 @shared_task(bind=True, base=InventoryStep, name="inventory.stock_reserve")
-def stock_reserve(self, order_id, lines=None):
-    return self.run_step(order_id, lambda: services.stock_reserve(order_id=order_id, lines=lines))
+def stock_reserve(self, order_id, lines=None, **saga):
+    return self.run_step(order_id, lambda: services.stock_reserve(order_id=order_id, lines=lines), **saga)
 
 
-@shared_task(bind=True, base=InventoryStep, name="inventory.stock_release")
-def stock_release(self, order_id):
-    return self.run_step(order_id, lambda: services.stock_release(order_id=order_id))
+@shared_task(bind=True, base=InventoryStep, name="inventory.stock_release", compensates=False)
+def stock_release(self, order_id, **saga):
+    return self.run_step(order_id, lambda: services.stock_release(order_id=order_id), **saga)

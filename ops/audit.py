@@ -68,9 +68,9 @@ class Books:
 
 
 def read_books(*, stale_after: timedelta | None = None, now: datetime | None = None) -> Books:
-    """What the checks compare; `stale_after` defaults to the sweeper's every dispatch and one timeout more."""
+    """What the checks compare; `stale_after` defaults to the order deadline and one saga timeout more."""
     if stale_after is None:
-        stale_after = timedelta(seconds=settings.SAGA_TIMEOUT_SECONDS * (settings.SAGA_MAX_ATTEMPTS + 1))
+        stale_after = timedelta(seconds=settings.ORDER_DEADLINE_SECONDS + settings.SAGA_TIMEOUT_SECONDS)
     # Recorded sales before reports' totals: the snapshot test (ops/tests/test_audit.py) commits a sale between them.
     return Books(
         now=now or timezone.now(),

@@ -13,6 +13,7 @@ from django.utils import timezone
 from inventory import public as inventory
 from orders import public as orders
 from project.admin import humanized_age
+from project.saga import human_duration
 from reports import public as reports
 
 WINDOWS_MINUTES = (5, 15, 60)
@@ -76,7 +77,7 @@ class Dashboard:
     products: list[ProductLine]
     products_limit: int
     timeout_seconds: int
-    max_attempts: int
+    deadline: str
 
 
 def dashboard_data(*, now: datetime | None = None) -> Dashboard:
@@ -120,7 +121,7 @@ def dashboard_data(*, now: datetime | None = None) -> Dashboard:
         products=products,
         products_limit=PRODUCTS_SHOWN,
         timeout_seconds=settings.SAGA_TIMEOUT_SECONDS,
-        max_attempts=settings.SAGA_MAX_ATTEMPTS,
+        deadline=human_duration(settings.ORDER_DEADLINE_SECONDS),
     )
 
 

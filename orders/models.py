@@ -114,3 +114,19 @@ class CancelledOrder(models.Model):
 
     def __str__(self) -> str:
         return f"cancelled order {self.order_id}"
+
+
+class SweepLease(models.Model):
+    """One row: when a sweep last started, by the database's clock.
+
+    Beat publishes a sweep every SAGA_SWEEP_INTERVAL_SECONDS; the ones that
+    queue up while the orders worker is away each find the lease taken and
+    end after one UPDATE. Times are the database's, so the processes' clocks
+    need not agree (no `expires` on the sweep message).
+    """
+
+    id = models.PositiveSmallIntegerField(primary_key=True, default=1)
+    started_at = models.DateTimeField(null=True)
+
+    def __str__(self) -> str:
+        return f"saga sweep lease (last started {self.started_at})"

@@ -9,6 +9,7 @@ from celery import chain
 from celery.canvas import Signature
 
 from project.celery import app
+from project.saga import deadline_context
 
 from .models import Order, OrderLine
 
@@ -19,22 +20,23 @@ def _step(name: str, **kwargs) -> Signature:
 
 
 def order_saga(order: Order, lines: list[OrderLine] | None = None) -> Signature:
-    """stock_reserve → sale_record → order_confirm, compensated on any failure.
+    """stock_reserve → sale_record → order_confirm; each step carries the order's deadline.
 
-    The error callback is immutable and its task takes one positional
-    argument, so Celery publishes it through the broker to the orders queue
-    (durable, retried) instead of calling it inline in the failing worker,
-    where an exception would only be logged (docs/celery.md 2). Chains attach
-    it to every step (docs/celery.md 1).
+    No error callback: a step that fails for good publishes
+    ``orders.order_compensate`` itself, with the reason in the message
+    (project.saga.SagaStep), and a step that cannot publish its successor
+    retries instead of failing the order (docs/celery.md 17).
     """
     if lines is None:  # order_create passes the lines it just wrote: no query
         lines = order.lines.all()
     lines = sorted(lines, key=lambda line: line.product_id)
+    context = deadline_context(order.created_at.timestamp())
     return chain(
         _step(
             "inventory.stock_reserve",
             order_id=order.pk,
             lines=[{"product": line.product_id, "quantity": line.quantity} for line in lines],
+            **context,
         ),
         _step(
             "reports.sale_record",
@@ -48,13 +50,17 @@ def order_saga(order: Order, lines: list[OrderLine] | None = None) -> Signature:
                 }
                 for line in lines
             ],
+            **context,
         ),
-        _step("orders.order_confirm", order_id=order.pk),
-    ).on_error(_step("orders.order_compensate", order_id=order.pk))
+        _step("orders.order_confirm", order_id=order.pk, **context),
+    )
 
 
 def compensation_saga(order_id: int) -> Signature:
-    """sale_revert → stock_release → order_delete: each undo decides from its own data."""
+    """sale_revert → stock_release → order_delete: each undo decides from its own data.
+
+    No deadline: an undo retries until it is done.
+    """
     return chain(
         _step("reports.sale_revert", order_id=order_id),
         _step("inventory.stock_release", order_id=order_id),

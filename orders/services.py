@@ -2,13 +2,15 @@
 
 `order_create` is the only way an order comes to exist (API and admin alike):
 it commits the order and, on commit, publishes the saga. The order row is the
-outbox record: `saga_sweep` re-dispatches pending orders whose dispatch is
-older than the saga timeout, then compensates them.
+outbox record: `saga_sweep` publishes the saga of an order whose publish
+failed, re-sends a saga only when nothing holds it any more, and cancels an
+order at its deadline (docs/design.md, "The order row is the outbox record").
 """
 
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -17,16 +19,18 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from inventory import public as inventory
 from project.db import Statement, after_commit, service_db
 from project.http.errors import Conflict, InvalidInput
 from project.lines import InvalidLines, OrderLines
-from project.saga import SagaAborted, faults
+from project.saga import BROKER_ERRORS, SagaAborted, describe, faults, human_duration
+from project.saga.inflight import held_order_ids
 from reports import public as reports
 
-from .models import CancelledOrder, Order, OrderLine
+from .models import CancelledOrder, Order, OrderLine, SweepLease
 from .saga import compensation_saga, order_saga
 
 logger = logging.getLogger(__name__)
@@ -70,8 +74,18 @@ def _replay(user: AbstractBaseUser, key: str, fingerprint: str) -> PlacedOrder |
 
 
 def _publish(saga, order_id: int) -> None:
-    faults.inject("orders.dispatch", order_id)  # drills: die between commit and publish
-    saga.apply_async()
+    """Publish an order's saga; if the broker cannot take it, mark the order as not published.
+
+    The order stays `pending` and committed either way; `last_dispatched_at`
+    NULL tells the sweeper the saga is certainly not in the broker, so it is
+    published at the next sweep without waiting for SAGA_TIMEOUT_SECONDS.
+    """
+    try:
+        faults.inject("orders.dispatch", order_id)  # drills: die, or the broker refuses, between commit and publish
+        saga.apply_async()
+    except BROKER_ERRORS as exc:
+        logger.warning("order %s: saga not published, the sweeper will (%s)", order_id, describe(exc))
+        Order.objects.using(_db()).filter(pk=order_id, status=PENDING).update(last_dispatched_at=None)
 
 
 def _dispatch(order: Order, lines: list[OrderLine] | None = None) -> None:
@@ -177,14 +191,18 @@ def order_confirm(*, order_id: int) -> str:
     raise SagaAborted(f"order {order_id} is being cancelled or gone")
 
 
-def order_compensate(*, order_id: int, reason: str = "", force: bool = False, robust: bool = False) -> bool:
+def order_compensate(
+    *, order_id: int, reason: str = "", force: bool = False, failure: str = "", robust: bool = False
+) -> bool:
     """Mark the order `cancelling` and publish the compensation chain.
 
-    Runs from the saga's error callback (possibly more than once for one
-    failure: docs/celery.md 3), from a user's cancel (`force`: a confirmed order
-    is undone too) and from the sweeper. A confirmed order is left alone
-    unless forced: its saga finished, whatever a late error callback says.
-    Returns whether compensation was published.
+    Runs when a saga step failed for good (`failure`: why, carried in the
+    message by that step; possibly more than once for one failure), from a
+    user's cancel (`reason`, `force`: a confirmed order is undone too) and
+    from the sweeper (`reason`: the order's deadline passed; or none, to
+    re-publish compensation). A confirmed order is left alone unless forced:
+    its saga finished, whatever a late failure says. Returns whether
+    compensation was published.
     """
     with transaction.atomic(using=_db()):
         order = Order.objects.using(_db()).select_for_update().filter(pk=order_id).first()
@@ -195,27 +213,31 @@ def order_compensate(*, order_id: int, reason: str = "", force: bool = False, ro
         if order.status == CONFIRMED and not force:
             logger.warning("order %s is confirmed; late compensation request ignored", order_id)
             return False
-        if order.status != CANCELLING or (reason and not order.cancel_reason):
+        if order.status != CANCELLING or (reason and not order.cancel_reason) or (failure and not order.failure_reason):
             if order.status != CANCELLING:
                 order.cancelled_from = order.status
             order.status = CANCELLING
             order.cancel_reason = order.cancel_reason or reason
-            order.save(using=_db(), update_fields=["status", "cancelled_from", "cancel_reason", "updated_at"])
+            order.failure_reason = order.failure_reason or failure
+            order.save(
+                using=_db(), update_fields=["status", "cancelled_from", "cancel_reason", "failure_reason", "updated_at"]
+            )
         # A task wants a publish failure raised (it retries); a web request
         # (robust) wants its 202: the order is `cancelling` either way and the
         # sweeper re-publishes compensation for orders left so.
         after_commit(_db(), compensation_saga(order_id).apply_async, robust=robust)
-    logger.info("order %s: compensation started (%s)", order_id, reason or "a saga step failed")
+    logger.info("order %s: compensation started (%s)", order_id, reason or failure or "published again")
     return True
 
 
 def _cancel_reason(order: Order) -> str:
+    """Why: who asked (a user, the deadline), else the failed step's note, else the reason its message carried."""
     return (
         order.cancel_reason
         or inventory.order_failure_reason(order.pk)
         or reports.order_failure_reason(order.pk)
         or order.failure_reason
-        or "the order could not be completed (no step recorded a reason)"
+        or f"cancelled while {order.cancelled_from or order.status}; no step reported why"
     )
 
 
@@ -269,8 +291,9 @@ def order_cancel(*, order: Order) -> bool:
 def order_redispatch(*, order_id: int, dispatched_before=None) -> bool:
     """Publish the saga again for a pending order (the sweeper, or staff in the admin).
 
-    `dispatched_before` (the sweeper's cutoff) is checked under the row lock, so
-    two overlapping sweeps cannot both count a dispatch for the same order.
+    `dispatched_before` (the sweeper's cutoff, a datetime or a database
+    expression) is checked under the row lock, so two overlapping sweeps
+    cannot both count a dispatch for the same order.
     """
     with transaction.atomic(using=_db()):
         orders = Order.objects.using(_db()).select_for_update().filter(pk=order_id, status=PENDING)
@@ -280,38 +303,95 @@ def order_redispatch(*, order_id: int, dispatched_before=None) -> bool:
         if order is None:
             return False
         order.dispatch_attempts = F("dispatch_attempts") + 1
-        order.last_dispatched_at = timezone.now()
+        order.last_dispatched_at = Now()
         order.save(using=_db(), update_fields=["dispatch_attempts", "last_dispatched_at", "updated_at"])
         _dispatch(order)
     logger.warning("order %s re-dispatched", order_id)
     return True
 
 
-def saga_sweep(*, now=None) -> dict[str, int]:
-    """Move every stuck order on: re-dispatch, compensate, or re-publish compensation.
-
-    A `pending` order whose last dispatch is older than SAGA_TIMEOUT_SECONDS
-    is dispatched again while it has had fewer than SAGA_MAX_ATTEMPTS
-    dispatches, and compensated after that. A `cancelling` order untouched for
-    as long gets its compensation chain published again (every undo is
-    idempotent).
-    """
-    now = now or timezone.now()
-    cutoff = now - timedelta(seconds=settings.SAGA_TIMEOUT_SECONDS)
-    stuck = Order.objects.using(_db()).filter(
-        Q(last_dispatched_at__lt=cutoff) | Q(last_dispatched_at=None), status=PENDING
+def _take_sweep_lease() -> bool:
+    """Whether this sweep may run: none started within half an interval, by the database's clock."""
+    SweepLease.objects.using(_db()).get_or_create(pk=1)
+    recent = Now() - timedelta(seconds=settings.SAGA_SWEEP_INTERVAL_SECONDS / 2)
+    return bool(
+        SweepLease.objects.using(_db())
+        .filter(Q(started_at__lt=recent) | Q(started_at=None), pk=1)
+        .update(started_at=Now())
     )
-    counts = {"redispatched": 0, "compensated": 0, "recompensated": 0}
-    for order_id, attempts in stuck.values_list("pk", "dispatch_attempts")[:500]:
-        if attempts < settings.SAGA_MAX_ATTEMPTS:
-            counts["redispatched"] += order_redispatch(order_id=order_id, dispatched_before=cutoff)
+
+
+def _where_it_stands(order_id: int) -> str:
+    """Which step an order's saga is waiting for, from each service's own record."""
+    note = inventory.order_failure_reason(order_id) or reports.order_failure_reason(order_id)
+    if not inventory.active_units_by_order([order_id]).get(order_id):
+        where = "inventory.stock_reserve did not complete"
+    elif not reports.recorded_orders([order_id]).get(order_id):
+        where = "reports.sale_record did not complete"
+    else:
+        where = "orders.order_confirm did not complete"
+    return f"{where} ({note})" if note else where
+
+
+SWEEP_BATCH = 500
+
+
+def saga_sweep(*, in_flight: Callable[[], set[int] | None] = held_order_ids) -> dict[str, int]:
+    """Move every stuck order on; returns what it did, by kind.
+
+    All times are the database's (the processes' clocks need not agree):
+
+    * ``published``: a pending order whose publish failed (`last_dispatched_at`
+      NULL) has its saga published;
+    * ``expired``: a pending order older than ORDER_DEADLINE_SECONDS is
+      compensated, the reason naming the deadline and the step it waited for;
+    * ``redispatched`` / ``recompensated``: a pending (cancelling) order that
+      showed no progress for SAGA_TIMEOUT_SECONDS has its saga (compensation)
+      published again only if no queue and no worker can hold it
+      (project.saga.inflight.held_order_ids); ``deferred`` counts the ones
+      left for a later sweep because that could not be known.
+
+    A sweep that finds another started within half an interval does nothing
+    (``skipped``). `in_flight` answers what the broker and workers hold
+    (tests pass their own answer).
+    """
+    counts = {"published": 0, "expired": 0, "redispatched": 0, "recompensated": 0, "deferred": 0, "skipped": 0}
+    if not _take_sweep_lease():
+        counts["skipped"] = 1
+        return counts
+    orders = Order.objects.using(_db())
+    for order_id in orders.filter(status=PENDING, last_dispatched_at=None).values_list("pk", flat=True)[:SWEEP_BATCH]:
+        counts["published"] += order_redispatch(order_id=order_id, dispatched_before=Now())
+
+    deadline = Now() - timedelta(seconds=settings.ORDER_DEADLINE_SECONDS)
+    expired = orders.filter(status=PENDING, created_at__lt=deadline).values_list("pk", flat=True)[:SWEEP_BATCH]
+    for order_id in expired:
+        reason = (
+            f"order deadline passed after {human_duration(settings.ORDER_DEADLINE_SECONDS)}: "
+            f"{_where_it_stands(order_id)}"
+        )
+        counts["expired"] += order_compensate(order_id=order_id, reason=reason)
+
+    cutoff = Now() - timedelta(seconds=settings.SAGA_TIMEOUT_SECONDS)
+    quiet = list(
+        orders.filter(status=PENDING, last_dispatched_at__lt=cutoff).values_list("pk", flat=True)[:SWEEP_BATCH]
+    )
+    stale = list(orders.filter(status=CANCELLING, updated_at__lt=cutoff).values_list("pk", flat=True)[:SWEEP_BATCH])
+    if quiet or stale:
+        held = in_flight()
+        if held is None:
+            counts["deferred"] = len(quiet) + len(stale)
         else:
-            reason = f"the saga did not finish after {attempts} dispatches; timed out"
-            counts["compensated"] += order_compensate(order_id=order_id, reason=reason)
-    stale = Order.objects.using(_db()).filter(status=CANCELLING, updated_at__lt=cutoff)
-    for order_id in stale.values_list("pk", flat=True)[:500]:
-        Order.objects.using(_db()).filter(pk=order_id).update(updated_at=now)
-        counts["recompensated"] += order_compensate(order_id=order_id)
-    if any(counts.values()):
+            for order_id in quiet:
+                if order_id not in held:
+                    counts["redispatched"] += order_redispatch(order_id=order_id, dispatched_before=cutoff)
+            for order_id in stale:
+                if order_id not in held and orders.filter(pk=order_id, status=CANCELLING, updated_at__lt=cutoff).update(
+                    updated_at=Now()
+                ):
+                    counts["recompensated"] += order_compensate(order_id=order_id)
+    if any(counts[kind] for kind in ("published", "expired", "redispatched", "recompensated")):
         logger.warning("saga sweep: %s", counts)
+    elif counts["deferred"]:
+        logger.info("saga sweep: %s", counts)
     return counts

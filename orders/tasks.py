@@ -11,25 +11,30 @@ class OrdersStep(SagaStep):
     failure_note = staticmethod(services.order_failure_note)
 
 
+# `saga`: the saga's context (deadline, last_error), read by SagaStep.run_step.
 @shared_task(bind=True, base=OrdersStep, name="orders.order_confirm")
-def order_confirm(self, order_id):
-    return self.run_step(order_id, lambda: services.order_confirm(order_id=order_id))
+def order_confirm(self, order_id, **saga):
+    return self.run_step(order_id, lambda: services.order_confirm(order_id=order_id), **saga)
 
 
-# One positional parameter only: as an immutable error callback it must be
-# published through the broker, not called inline (docs/celery.md 2;
-# celery.backends.base._call_task_errbacks counts the positional parameters).
-@shared_task(bind=True, base=OrdersStep, name="orders.order_compensate")
-def order_compensate(self, order_id, *, reason="", force=False):
+# `failure`: why a step failed for good, carried in the message by the step that
+# published it (project.saga.SagaStep._fail), so it reaches the order even when that
+# step's database could not take the note. One positional parameter, as when this
+# was an error callback (docs/celery.md 2): messages from older chains still call it so.
+@shared_task(bind=True, base=OrdersStep, name="orders.order_compensate", compensates=False)
+def order_compensate(self, order_id, *, reason="", force=False, failure="", **saga):
     return self.run_step(
         order_id,
-        lambda: services.order_compensate(order_id=order_id, reason=str(reason), force=bool(force)),
+        lambda: services.order_compensate(
+            order_id=order_id, reason=str(reason), force=bool(force), failure=str(failure)
+        ),
+        **saga,
     )
 
 
-@shared_task(bind=True, base=OrdersStep, name="orders.order_delete")
-def order_delete(self, order_id):
-    self.run_step(order_id, lambda: services.order_delete(order_id=order_id))
+@shared_task(bind=True, base=OrdersStep, name="orders.order_delete", compensates=False)
+def order_delete(self, order_id, **saga):
+    self.run_step(order_id, lambda: services.order_delete(order_id=order_id), **saga)
 
 
 @shared_task(name="orders.saga_sweep", ignore_result=True)

@@ -4,7 +4,8 @@ import os
 import time
 
 from celery import Celery
-from celery.signals import task_postrun, task_prerun
+from celery.signals import celeryd_after_setup, task_postrun, task_prerun
+from django.conf import settings
 from django.db import connections
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
@@ -46,3 +47,19 @@ def _recycle_db_connections() -> None:
 def _reuse_db_connections(sender=None, **kwargs):
     if not getattr(getattr(sender, "request", None), "is_eager", False):
         _recycle_db_connections()
+
+
+@celeryd_after_setup.connect
+def _consume_compensation_queues(sender=None, instance=None, **kwargs):
+    """A worker of a service queue (``-Q inventory``) also consumes its compensation queue.
+
+    Undo steps are routed to ``<service>.compensation`` (settings.COMPENSATION_QUEUES),
+    so they are delivered beside the service's forward steps instead of behind
+    them (docs/design.md, "Compensation does not wait behind a backlog"); the
+    command lines stay as they were. Celery's documented way to add a queue
+    at start (celery.signals.celeryd_after_setup; `select_add`).
+    """
+    queues = instance.app.amqp.queues
+    for service, compensation in settings.COMPENSATION_QUEUES.items():
+        if service in queues.consume_from and compensation not in queues.consume_from:
+            queues.select_add(compensation)

@@ -277,14 +277,18 @@ CACHES["throttle"].setdefault("OPTIONS", {}).setdefault("MAX_ENTRIES", 10_000)
 # --- Orders and the saga -------------------------------------------------------
 ORDER_MAX_LINES = env.int("ORDER_MAX_LINES", default=50)
 ORDER_MAX_QUANTITY = env.int("ORDER_MAX_QUANTITY", default=1000)
-# The sweeper re-dispatches a `pending` order whose last dispatch is older
-# than this, at most SAGA_MAX_ATTEMPTS times in all, then compensates it.
-SAGA_TIMEOUT_SECONDS = env.int("SAGA_TIMEOUT_SECONDS", default=60)
-SAGA_MAX_ATTEMPTS = env.int("SAGA_MAX_ATTEMPTS", default=3)
+# An order still pending this long after it was placed is cancelled, and says so
+# ("order deadline passed after 3 h: …"): the only cancellation time decides. Until
+# then every infrastructure fault (a database or broker down, a lost worker, a step
+# blocked past its time limit) makes the saga wait and retry.
+ORDER_DEADLINE_SECONDS = env.int("ORDER_DEADLINE_SECONDS", default=3 * 3600)
+# The sweeper looks at a `pending` order whose saga showed no progress for this long
+# (or a `cancelling` one), and re-sends its saga only when the broker and every
+# worker say they hold nothing for it (project/saga/inflight.py).
+SAGA_TIMEOUT_SECONDS = env.int("SAGA_TIMEOUT_SECONDS", default=120)
 SAGA_SWEEP_INTERVAL_SECONDS = env.float("SAGA_SWEEP_INTERVAL_SECONDS", default=15.0)
-# Transient errors (database, broker) are retried with exponential backoff
-# and full jitter: at most SAGA_STEP_MAX_RETRIES times, the delay capped.
-SAGA_STEP_MAX_RETRIES = env.int("SAGA_STEP_MAX_RETRIES", default=8)
+# Infrastructure faults are retried with exponential backoff and full jitter, the
+# delay capped, until the order's deadline (undo steps: until they succeed).
 SAGA_RETRY_BACKOFF_SECONDS = env.float("SAGA_RETRY_BACKOFF_SECONDS", default=0.5)
 SAGA_RETRY_BACKOFF_MAX_SECONDS = env.float("SAGA_RETRY_BACKOFF_MAX_SECONDS", default=30.0)
 # Fault injection for tests and drills (project/saga/faults.py); unset in production.
@@ -292,6 +296,16 @@ ORDERFLOW_FAULTS_FILE = env("ORDERFLOW_FAULTS_FILE", default=None)
 
 # --- Celery and the broker -----------------------------------------------------
 SERVICE_QUEUES = ("orders", "inventory", "reports")
+# Each service's undo steps have a queue of their own, which its workers consume beside
+# the service queue (project/celery.py), so compensation never waits behind a backlog
+# of forward steps: a stale step queued there finds the undo done and stops.
+COMPENSATION_QUEUES = {name: f"{name}.compensation" for name in SERVICE_QUEUES}
+COMPENSATION_TASKS = {
+    "orders.order_compensate": "orders",
+    "orders.order_delete": "orders",
+    "reports.sale_revert": "reports",
+    "inventory.stock_release": "inventory",
+}
 # Every publish (the web's on commit, a worker's next step, retry or error callback, beat's
 # sweep, a product event) completes within this or fails as "broker unavailable"
 # (project/broker_publish.py: connecting, declaring, writing and the publisher confirm together).
@@ -328,9 +342,18 @@ CELERY_TASK_PUBLISH_RETRY = False
 # Waiting for a free producer (every one busy publishing) is part of the bound too.
 CELERY_BROKER_POOL_ACQUIRE_TIMEOUT = BROKER_PUBLISH_TIMEOUT_SECONDS
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
-CELERY_TASK_QUEUES = [Queue(name, routing_key=name, durable=True) for name in SERVICE_QUEUES]
+CELERY_TASK_QUEUES = [
+    Queue(name, routing_key=name, durable=True) for name in (*SERVICE_QUEUES, *COMPENSATION_QUEUES.values())
+]
 CELERY_TASK_DEFAULT_QUEUE = "orders"
-CELERY_TASK_ROUTES = {f"{name}.*": {"queue": name, "routing_key": name} for name in SERVICE_QUEUES}
+# Exact task names win over the patterns (celery.app.routes.MapRoute).
+CELERY_TASK_ROUTES = {
+    **{
+        task: {"queue": COMPENSATION_QUEUES[service], "routing_key": COMPENSATION_QUEUES[service]}
+        for task, service in COMPENSATION_TASKS.items()
+    },
+    **{f"{name}.*": {"queue": name, "routing_key": name} for name in SERVICE_QUEUES},
+}
 CELERY_TASK_DEFAULT_DELIVERY_MODE = "persistent"
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
@@ -370,8 +393,9 @@ CELERY_BEAT_SCHEDULE = {
     "orders.saga_sweep": {
         "task": "orders.saga_sweep",
         "schedule": SAGA_SWEEP_INTERVAL_SECONDS,
-        # A sweep that could not run in time is replaced by the next one.
-        "options": {"expires": SAGA_SWEEP_INTERVAL_SECONDS},
+        # No `expires`: a worker compares it with its own clock, and one a minute
+        # ahead dropped every sweep. Sweeps that pile up while the orders worker is
+        # away cost one UPDATE each (orders.services.saga_sweep's lease).
     },
 }
 

@@ -6,7 +6,7 @@ from celery import shared_task
 from celery.exceptions import Reject
 
 from project.lines import NotPositiveInt, positive_int
-from project.saga import TRANSIENT_ERRORS, SagaStep, backoff_seconds
+from project.saga import SagaStep, backoff_seconds, is_transient
 
 from . import services
 
@@ -18,13 +18,13 @@ class ReportsStep(SagaStep):
 
 
 @shared_task(bind=True, base=ReportsStep, name="reports.sale_record")
-def sale_record(self, order_id, lines=None):
-    return self.run_step(order_id, lambda: services.sale_record(order_id=order_id, lines=lines))
+def sale_record(self, order_id, lines=None, **saga):
+    return self.run_step(order_id, lambda: services.sale_record(order_id=order_id, lines=lines), **saga)
 
 
-@shared_task(bind=True, base=ReportsStep, name="reports.sale_revert")
-def sale_revert(self, order_id):
-    return self.run_step(order_id, lambda: services.sale_revert(order_id=order_id))
+@shared_task(bind=True, base=ReportsStep, name="reports.sale_revert", compensates=False)
+def sale_revert(self, order_id, **saga):
+    return self.run_step(order_id, lambda: services.sale_revert(order_id=order_id), **saga)
 
 
 @shared_task(bind=True, name="reports.product_sync", acks_late=True, max_retries=10)
@@ -44,5 +44,7 @@ def product_sync(self, product_id=None, name=None, version=None, **extra):
         raise Reject("malformed product event", requeue=False)
     try:
         services.product_sync(product_id=product_id, name=name, version=version)
-    except TRANSIENT_ERRORS as exc:
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
         raise self.retry(exc=exc, countdown=backoff_seconds(self.request.retries)) from exc

@@ -73,7 +73,10 @@ def purge_queues() -> None:
 def _queued_messages() -> int:
     with celery_app.connection_for_write() as connection:
         channel = connection.default_channel
-        return sum(channel.queue_declare(queue=q, passive=True).message_count for q in settings.SERVICE_QUEUES)
+        return sum(
+            channel.queue_declare(queue=q, passive=True).message_count
+            for q in (*settings.SERVICE_QUEUES, *settings.COMPENSATION_QUEUES.values())
+        )
 
 
 def _busy_workers(nodes: list[str]) -> int:
@@ -133,13 +136,11 @@ def test_environment() -> dict[str, str]:
     """What saga test workers run with: the test databases, fast retries, a short saga timeout."""
     env = {
         "DATABASE_URL": database_url("default"),
-        "SAGA_STEP_MAX_RETRIES": "5",
         "SAGA_RETRY_BACKOFF_SECONDS": "0.05",
         "SAGA_RETRY_BACKOFF_MAX_SECONDS": "1.0",
         # Only matter where a test runs beat (the sweeper).
         "SAGA_TIMEOUT_SECONDS": str(SWEEP_TIMEOUT_SECONDS),
         "SAGA_SWEEP_INTERVAL_SECONDS": "1",
-        "SAGA_MAX_ATTEMPTS": "3",
         "CONN_MAX_AGE": "0",
         "CELERY_WORKER_LOST_WAIT": "1",
     }

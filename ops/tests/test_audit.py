@@ -111,7 +111,8 @@ def test_partial_reservation_breaks_all_or_nothing(user, make_product):
 def test_stuck_orders_break_every_order_ends(user, make_product):
     product = make_product(stock=10)
     order = orders.order_create(user=user, lines=[{"product": product.pk, "quantity": 1}]).order
-    Order.objects.filter(pk=order.pk).update(updated_at=timezone.now() - timedelta(hours=1))
+    # Older than the order deadline (3 h) and a saga timeout: the sweeper should have ended it.
+    Order.objects.filter(pk=order.pk).update(updated_at=timezone.now() - timedelta(hours=4))
 
     assert any(v.invariant == "every-order-ends" and v.order_id == order.pk for v in audit())
     assert audit(stale_after=timedelta(days=1)) == []

@@ -14,7 +14,8 @@ Points: every saga task name (before its service call), the same name with
 and ``orders.dispatch`` (after the order committed, before the saga is published).
 
 `action` is ``fail`` (a business error), ``transient`` (a database
-OperationalError, retried), ``sleep`` (``seconds``; a window to kill the
+OperationalError, retried), ``broker`` (the broker refuses: kombu's
+OperationalError), ``bug`` (a RuntimeError: a fault of the code), ``sleep`` (``seconds``; a window to kill the
 process in) or ``exit`` (the process dies at once, as under ``kill -9``).
 `orders` limits the fault to those order ids; `times` lets it happen only that
 many times per order (counted in files beside the faults file). A sleeping
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import OperationalError
+from kombu.exceptions import OperationalError as BrokerOperationalError
 
 from project.http.errors import ApplicationError
 
@@ -69,6 +71,10 @@ def inject(point: str, order_id: int) -> None:
         raise InjectedFault(f"injected failure in {point}")
     if action == "transient":
         raise OperationalError(f"injected transient error in {point}")
+    if action == "broker":
+        raise BrokerOperationalError(f"injected broker error in {point}")
+    if action == "bug":
+        raise RuntimeError(f"injected bug in {point}")
     if action == "sleep":
         # Say who is sleeping, so a drill can kill exactly this process.
         Path(f"{path}.{point.replace(':', '-')}.{order_id}.pid").write_text(str(os.getpid()))

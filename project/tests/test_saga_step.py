@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-from celery.exceptions import Ignore, Reject, Retry
-from django.db import OperationalError
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
+from django.db import DataError, InternalError, OperationalError
+from kombu.exceptions import OperationalError as BrokerOperationalError
+from psycopg2.errors import ReadOnlySqlTransaction
 
 import inventory.tasks  # noqa: F401  (registers inventory.stock_reserve)
 from inventory.models import OrderReservation
@@ -99,16 +101,25 @@ def step(settings, monkeypatch):
     settings.ORDERFLOW_FAULTS_FILE = None
     task = celery_app.tasks["inventory.stock_reserve"]
     assert isinstance(task, SagaStep)
-    monkeypatch.setattr(task, "max_retries", 3)
+    published = []  # (task name, kwargs, options): what the step would have sent, not sent
 
-    def run(order_id, call, *, retries=0):
-        task.push_request(id="test-request", retries=retries)
+    def publish(message, **options):
+        if run.broker_down:
+            raise BrokerOperationalError("broker unreachable")
+        published.append((message.task, dict(message.kwargs), {**message.options, **options}))
+
+    monkeypatch.setattr(task, "publish", publish)
+
+    def run(order_id, call, *, retries=0, chain=None, **saga):
+        task.push_request(id="test-request", retries=retries, kwargs={"order_id": order_id, **saga}, chain=chain)
         try:
-            return task.run_step(order_id, call)
+            return task.run_step(order_id, call, **saga)
         finally:
             task.pop_request()
 
     run.task = task
+    run.published = published
+    run.broker_down = False
     return run
 
 
@@ -139,8 +150,12 @@ def test_run_step_turns_saga_aborted_into_ignore(step):
         step(5, aborted)
 
 
+def compensations(step) -> list[dict]:
+    return [kwargs for name, kwargs, _ in step.published if name == "orders.order_compensate"]
+
+
 @pytest.mark.django_db
-def test_run_step_notes_a_business_error_and_fails_at_once(step):
+def test_run_step_notes_a_business_error_and_compensates_with_the_reason_in_the_message(step):
     def refused():
         raise ApplicationError("no stock for you")
 
@@ -148,44 +163,118 @@ def test_run_step_notes_a_business_error_and_fails_at_once(step):
         step(6, refused)
 
     assert reason(6) == "no stock for you"
+    assert compensations(step) == [{"failure": "no stock for you"}]
 
 
 @pytest.mark.django_db
-def test_run_step_retries_a_transient_error_with_backoff(step, monkeypatch):
-    # Retry is replaced by a recorder: a real retry publishes to the broker,
-    # and what is under test is the decision and its countdown.
-    retried = []
+def test_run_step_treats_a_fault_of_the_data_or_the_code_as_a_failure_that_names_it(step):
+    def overflow():
+        raise DataError("numeric field overflow\nDETAIL: …")
 
-    def retry(*, exc, countdown, **options):
-        retried.append((type(exc), countdown, options.get("max_retries", step.task.max_retries)))
-        return Retry("retrying", exc)
+    with pytest.raises(DataError):
+        step(12, overflow)
 
-    monkeypatch.setattr(step.task, "retry", retry)
+    assert compensations(step) == [{"failure": "inventory.stock_reserve failed: DataError: numeric field overflow"}]
 
+
+@pytest.mark.django_db
+def test_run_step_retries_a_transient_error_with_backoff_and_says_why(step):
     def transient():
         raise OperationalError("database restarting")
 
     with pytest.raises(Retry):
-        step(7, transient, retries=2)
+        step(7, transient, retries=2, deadline=time.time() + 3600, placed_at=time.time())
 
-    ((exc_type, countdown, max_retries),) = retried
-    assert exc_type is OperationalError
-    assert 1.0 <= countdown <= 2.0  # 0.5 × 2² with full jitter in [ceiling/2, ceiling]
-    assert max_retries == 3
-    assert reason(7) == ""  # not a failure yet
+    ((name, kwargs, options),) = step.published
+    assert name == "inventory.stock_reserve"
+    assert kwargs["last_error"] == "OperationalError: database restarting"
+    assert 1.0 <= options["countdown"] <= 2.0  # 0.5 × 2² with jitter in [ceiling/2, ceiling]
+    assert options["retries"] == 3
+    assert reason(7) == ""  # not a failure
 
 
 @pytest.mark.django_db
-def test_run_step_gives_up_after_the_last_retry_and_notes_why(step, monkeypatch):
-    monkeypatch.setattr(step.task, "retry", lambda **kw: pytest.fail("retried past the limit"))
+@pytest.mark.parametrize(
+    "error",
+    [
+        OperationalError("connection refused"),  # no SQLSTATE: could not connect
+        InternalError("cannot execute UPDATE in a read-only transaction"),  # see the pgcode below
+        OperationalError("database is locked"),  # SQLite
+        OperationalError("database or disk is full"),  # SQLite
+        BrokerOperationalError("broker unreachable"),
+        SoftTimeLimitExceeded(),
+    ],
+    ids=["refused", "read-only", "locked", "disk-full", "broker", "soft-time-limit"],
+)
+def test_run_step_retries_every_infrastructure_fault(step, error):
+    if isinstance(error, InternalError):
+        # What Django wraps: psycopg2's error with the server's SQLSTATE (one made by hand has no pgcode).
+        error.__cause__ = type("ReadOnlySqlTransaction", (ReadOnlySqlTransaction,), {"pgcode": "25006"})()
 
+    def failing():
+        raise error
+
+    with pytest.raises(Retry):
+        step(13, failing, deadline=time.time() + 60, placed_at=time.time())
+
+    assert compensations(step) == []
+
+
+@pytest.mark.django_db
+def test_run_step_past_the_deadline_compensates_saying_so(step):
     def transient():
         raise OperationalError("database gone")
 
-    with pytest.raises(OperationalError):
-        step(8, transient, retries=3)
+    with pytest.raises(Ignore):  # checked before the call: the step does not run
+        step(8, transient, deadline=time.time() - 1, placed_at=time.time() - 3601)
 
-    assert reason(8) == "inventory.stock_reserve gave up after 3 retries: OperationalError: database gone"
+    expected = "order deadline passed after 1 h: inventory.stock_reserve could not complete (no earlier error)"
+    assert compensations(step) == [{"failure": expected}]
+
+
+@pytest.mark.django_db
+def test_run_step_that_hits_the_deadline_while_retrying_names_the_error(step):
+    def transient():
+        raise OperationalError("database gone")
+
+    deadline = time.time() + 0.2
+    with pytest.raises(Retry):
+        step(14, transient, deadline=deadline, placed_at=deadline - 7200)
+    time.sleep(0.3)
+    with pytest.raises(Ignore):  # the redelivered retry finds the deadline passed: it names what it carried
+        step(14, transient, deadline=deadline, placed_at=deadline - 7200, last_error="OperationalError: database gone")
+
+    assert compensations(step) == [
+        {"failure": "order deadline passed after 2 h: inventory.stock_reserve could not complete "
+         "(OperationalError: database gone)"}
+    ]  # fmt: skip
+
+
+@pytest.mark.django_db
+def test_run_step_puts_the_message_back_when_the_broker_refuses_its_retry(step):
+    """Celery's Task.retry would drop it (Reject(requeue=False)); an infrastructure fault must not lose a step."""
+    step.broker_down = True
+
+    def transient():
+        raise OperationalError("database restarting")
+
+    with pytest.raises(Reject) as rejected:
+        step(15, transient)
+
+    assert rejected.value.requeue is True
+
+
+@pytest.mark.django_db
+def test_run_step_publishes_the_next_step_itself_and_retries_if_it_cannot(step):
+    following = celery_app.signature("reports.sale_record", kwargs={"order_id": 16}, immutable=True)
+
+    assert step(16, lambda: "reserved", chain=[dict(following)]) == "reserved"
+    assert [name for name, _, _ in step.published] == ["reports.sale_record"]
+
+    step.published.clear()
+    step.broker_down = True
+    with pytest.raises(Reject):  # the retry cannot be published either: the message goes back
+        step(16, lambda: "reserved", chain=[dict(following)])
 
 
 @pytest.mark.django_db

@@ -19,7 +19,7 @@ class Command(BaseCommand):
             type=float,
             default=None,
             help="seconds after which a pending/cancelling order counts as stuck "
-            "(default: SAGA_TIMEOUT_SECONDS × (SAGA_MAX_ATTEMPTS + 1))",
+            "(default: ORDER_DEADLINE_SECONDS + SAGA_TIMEOUT_SECONDS)",
         )
 
     def handle(self, *args, **options):
