@@ -10,7 +10,6 @@ busy, a full disk, the broker unavailable — is a ``503`` with ``Retry-After``
 
 import errno
 import logging
-import sqlite3
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db import InterfaceError
+from django.db import DatabaseError
 from django.http import Http404, HttpResponse, JsonResponse
 from django.views import defaults
 from kombu.exceptions import OperationalError as BrokerOperationalError
@@ -30,6 +29,7 @@ from rest_framework.views import exception_handler as drf_exception_handler
 from rest_framework.views import set_rollback
 
 from project.broker_publish import BrokerBlocked, BrokerUnavailable
+from project.db import errors as db_errors
 
 logger = logging.getLogger(__name__)
 
@@ -117,37 +117,12 @@ BROKER_BLOCKED = Outage(
     "blocked",
 )
 
-# SQLSTATE (PostgreSQL, Appendix A "PostgreSQL Error Codes"): whole classes, then single codes.
-_SQLSTATE_CLASSES = {"08": DATABASE_UNAVAILABLE}  # connection exception
-_SQLSTATES = {
-    "25006": DATABASE_READ_ONLY,  # read_only_sql_transaction
-    "53000": DATABASE_UNAVAILABLE,  # insufficient_resources
-    "53100": DISK_FULL,  # disk_full
-    "53200": DATABASE_UNAVAILABLE,  # out_of_memory
-    "53300": DATABASE_UNAVAILABLE,  # too_many_connections
-    "57P01": DATABASE_UNAVAILABLE,  # admin_shutdown
-    "57P02": DATABASE_UNAVAILABLE,  # crash_shutdown
-    "57P03": DATABASE_UNAVAILABLE,  # cannot_connect_now (starting up, recovering)
-    "57P05": DATABASE_UNAVAILABLE,  # idle_session_timeout
-    "40001": DATABASE_BUSY,  # serialization_failure
-    "40P01": DATABASE_BUSY,  # deadlock_detected
-    "55P03": DATABASE_BUSY,  # lock_not_available
-}
-# SQLite's primary result codes (https://www.sqlite.org/rescode.html).
-_SQLITE_CODES = {
-    5: DATABASE_BUSY,  # SQLITE_BUSY: "database is locked" after the busy timeout
-    6: DATABASE_BUSY,  # SQLITE_LOCKED
-    8: DATABASE_READ_ONLY,  # SQLITE_READONLY: "attempt to write a readonly database"
-    10: DATABASE_UNAVAILABLE,  # SQLITE_IOERR: "disk I/O error"
-    13: DISK_FULL,  # SQLITE_FULL: "database or disk is full"
-    14: DATABASE_UNAVAILABLE,  # SQLITE_CANTOPEN: "unable to open database file"
-}
-_SQLITE_MESSAGES = {
-    "database is locked": DATABASE_BUSY,
-    "attempt to write a readonly database": DATABASE_READ_ONLY,
-    "disk i/o error": DATABASE_UNAVAILABLE,
-    "database or disk is full": DISK_FULL,
-    "unable to open database file": DATABASE_UNAVAILABLE,
+# project.db.errors classifies database errors (SQLSTATE, SQLite's messages) for the saga and here.
+_BY_DATABASE_FAULT = {
+    db_errors.UNAVAILABLE: DATABASE_UNAVAILABLE,
+    db_errors.READ_ONLY: DATABASE_READ_ONLY,
+    db_errors.DISK_FULL: DISK_FULL,
+    db_errors.CONTENTION: DATABASE_BUSY,
 }
 
 
@@ -164,18 +139,14 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 def outage_of(exc: BaseException) -> Outage | None:
     """The outage `exc` stands for, or None when it is not one (a bug, a refused request: a 500 or 4xx).
 
-    Looks through the exception's causes, as Django wraps the driver's error:
+    Looks through the exception and its causes:
 
-    * PostgreSQL (psycopg2's ``pgcode``, psycopg 3's ``sqlstate``): class 08
-      (connection exception), 57P01-57P03 (shutdown, cannot connect now),
-      53xxx (insufficient resources; 53100 disk full), 25006 (read-only
-      transaction), 40001/40P01/55P03 (serialization failure, deadlock, lock
-      not available: busy). A driver ``OperationalError`` or ``InterfaceError``
-      with no SQLSTATE is a failed or lost connection.
-    * SQLite (``sqlite_errorcode``, else the message): SQLITE_FULL, _READONLY,
-      _BUSY/_LOCKED, _IOERR, _CANTOPEN.
-    * ``OSError`` ENOSPC/EDQUOT anywhere (the embedded broker's folder, the
-      throttle's file cache): disk full.
+    * a database error: project.db.errors.database_fault (by SQLSTATE on
+      PostgreSQL: connection exceptions, shutdowns, insufficient resources,
+      25006 read-only, 53100 disk full, serialization failures and deadlocks;
+      by message on SQLite);
+    * ``OSError`` ENOSPC/EDQUOT anywhere (the embedded broker's folder, a file
+      cache): disk full;
     * project.broker_publish.BrokerBlocked / BrokerUnavailable, kombu's
       ``OperationalError``: the broker.
     """
@@ -185,27 +156,11 @@ def outage_of(exc: BaseException) -> Outage | None:
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             return DISK_FULL
     for error in _chain(exc):
-        if isinstance(error, sqlite3.Error):
-            code = getattr(error, "sqlite_errorcode", None)
-            if code is not None and code & 0xFF in _SQLITE_CODES:
-                return _SQLITE_CODES[code & 0xFF]
-            message = str(error).lower()
-            for text, outage in _SQLITE_MESSAGES.items():
-                if text in message:
-                    return outage
-            return None
-        sqlstate = getattr(error, "pgcode", None) or getattr(error, "sqlstate", None)
-        if isinstance(sqlstate, str) and len(sqlstate) == 5:
-            return _SQLSTATES.get(sqlstate) or _SQLSTATE_CLASSES.get(sqlstate[:2])
-        if type(error).__module__.partition(".")[0] in ("psycopg2", "psycopg") and type(error).__name__ in (
-            "OperationalError",
-            "InterfaceError",
-        ):
-            return DATABASE_UNAVAILABLE  # no SQLSTATE: the connection failed or was lost
+        if isinstance(error, DatabaseError):
+            kind = db_errors.database_fault(error)
+            return _BY_DATABASE_FAULT.get(kind) if kind else None
         if isinstance(error, BrokerUnavailable | BrokerOperationalError):
             return BROKER_UNAVAILABLE
-    if isinstance(exc, InterfaceError):  # Django's own "connection already closed"
-        return DATABASE_UNAVAILABLE
     return None
 
 

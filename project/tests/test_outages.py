@@ -11,7 +11,6 @@ SQLite), so the API, the admin and /readyz meet the driver's own errors.
 import errno
 import json
 import os
-import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -153,13 +152,17 @@ def test_errors_that_retrying_cannot_fix_are_not_outages(cluster):
 
 
 def test_sqlite_on_a_full_disk_is_disk_full(full_tmpfs):
-    database = sqlite3.connect(full_tmpfs / "db.sqlite3")
-    database.execute("CREATE TABLE blobs (b blob)")
+    from django.db.backends.sqlite3.base import DatabaseWrapper
+
+    config = connections.configure_settings(
+        {"default": environ.Env.db_url_config(f"sqlite:///{full_tmpfs}/db.sqlite3")}
+    )
+    database = DatabaseWrapper(config["default"], "full")
+    database.cursor().execute("CREATE TABLE blobs (b blob)")
 
     def write_until_full():
         while True:
-            database.execute("INSERT INTO blobs VALUES (zeroblob(65536))")
-            database.commit()
+            database.cursor().execute("INSERT INTO blobs VALUES (zeroblob(65536))")
 
     exc = raised_by(write_until_full)
     database.close()
