@@ -39,7 +39,13 @@ trying for RETRY_INTERVAL_SECONDS: every publish fails at once with the same
 reason, except one trial at a time after that interval, whose success (or a
 ``connection.unblocked``) ends the outage. A web request therefore waits on a
 blocked or frozen broker at most once per interval per process, and the others
-answer at once. Whether a publish that timed out reached the broker is unknown:
+answer at once. Before the first timeout tells, a burst of publishes to a broker
+that just froze would each wait the bound: at most WAITING_PUBLISHES of a
+process wait on one broker at a time, and a publish that finds them all busy
+for SLOT_WAIT_SECONDS fails at once, so a web process's other threads stay free
+for the requests that need no broker (health checks, reads). A healthy broker
+confirms in milliseconds and never keeps a publish waiting for a slot that
+long. Whether a publish that timed out reached the broker is unknown:
 the saga's records (the order row, the idempotent steps) make sending it again
 safe.
 """
@@ -67,6 +73,12 @@ logger = logging.getLogger(__name__)
 #: After a publish timed out or the broker said it is blocked, how long every
 #: publish of this process fails at once before one is tried again (seconds).
 RETRY_INTERVAL_SECONDS = 2.0
+
+#: At most this many publishes of a process wait on one broker at a time (a bulkhead:
+#: a web process's threads are not all taken by a broker that stopped answering) ...
+WAITING_PUBLISHES = 2
+#: ... and a publish that finds every slot busy this long fails at once (seconds).
+SLOT_WAIT_SECONDS = 0.05
 
 #: The routing key of `probe`'s message: no queue is bound to it, so RabbitMQ
 #: drops the message (and confirms it) at once.
@@ -98,6 +110,7 @@ class _Outage:
 
     def __init__(self, broker: str) -> None:
         self.broker = broker
+        self.slots = threading.BoundedSemaphore(WAITING_PUBLISHES)
         self._lock = threading.Lock()
         self.reason: str | None = None  # None: publishing works, as far as this process knows
         self.blocked = False
@@ -341,7 +354,12 @@ def bounded_publish(producer: Producer, publish: Callable[[float], T], *, what: 
     trial = outage.admit()
     try:
         if connection is not None and _is_network(connection):
-            result = _publish_network(producer, connection, publish, outage)
+            if not outage.slots.acquire(timeout=SLOT_WAIT_SECONDS):
+                raise BrokerUnavailable(f"{WAITING_PUBLISHES} publishes already waiting on the broker")
+            try:
+                result = _publish_network(producer, connection, publish, outage)
+            finally:
+                outage.slots.release()
             outage.ok()
             return result
         # The embedded file broker: no socket to wait on; a full disk raises at once.

@@ -167,8 +167,11 @@ def test_a_frozen_broker_fails_a_publish_within_the_bound_and_the_next_ones_at_o
         state = broker_publish.broker_state(app)
 
     assert {outcome for outcome, _ in results} == {"BrokerUnavailable"}, results
-    # Those in flight when it froze wait the bound (connecting, writing, the confirm), no longer.
+    # Those in flight when it froze wait the bound (connecting, writing, the confirm), no longer;
+    # and no more than WAITING_PUBLISHES of them: the others find no free slot and fail at once.
     assert max(seconds for _, seconds in results) < BOUND + 0.5, results
+    waited = [seconds for _, seconds in results if seconds > AT_ONCE]
+    assert len(waited) <= broker_publish.WAITING_PUBLISHES, results
     assert max(seconds for _, seconds in later) < AT_ONCE, later
     assert trial[0] == "BrokerUnavailable" and BOUND * 0.8 < trial[1] < BOUND + 0.5, trial
     assert state == f"unavailable: timed out after {BOUND:g} s"
