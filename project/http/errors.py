@@ -169,6 +169,12 @@ def _log_outage(outage: Outage, exc: BaseException, where: str) -> None:
     logger.warning("%s: 503 %s (%s: %s)", where, outage.code, type(exc).__name__, first_line)
 
 
+def _logged(response: HttpResponse) -> HttpResponse:
+    """Mark the 503 as logged (django.utils.log.log_response's flag): `_log_outage` said it, with the cause."""
+    response._has_been_logged = True
+    return response
+
+
 def outage_response(outage: Outage, request=None) -> HttpResponse:
     """The 503 for `outage`: the API's JSON shape under /api/ (and for JSON clients), a short page elsewhere."""
     wants_json = request is None or request.path.startswith("/api/")
@@ -179,7 +185,7 @@ def outage_response(outage: Outage, request=None) -> HttpResponse:
         page = f"{title}<p>{escape(outage.detail)}</p>"
         response = HttpResponse(page, status=503, content_type="text/html; charset=utf-8")
     response["Retry-After"] = str(outage.retry_after)
-    return response
+    return _logged(response)
 
 
 class OutageMiddleware:
@@ -210,8 +216,10 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
         set_rollback()
         request = context.get("request")
         _log_outage(outage, exc, f"{request.method} {request.path}" if request is not None else "API")
-        return Response(
-            error_body(outage.code, outage.detail), status=503, headers={"Retry-After": str(outage.retry_after)}
+        return _logged(
+            Response(
+                error_body(outage.code, outage.detail), status=503, headers={"Retry-After": str(outage.retry_after)}
+            )
         )
     if isinstance(exc, ApplicationError):
         return Response(error_body(exc.code, exc.message, exc.fields), status=exc.http_status)

@@ -10,6 +10,7 @@ SQLite), so the API, the admin and /readyz meet the driver's own errors.
 
 import errno
 import json
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -181,13 +182,21 @@ def test_no_space_left_on_a_write_is_disk_full(full_tmpfs):
 # --- the answers: 503, Retry-After, the one shape ------------------------------------------
 
 
-def test_the_api_answers_503_with_retry_after_when_the_database_refuses(default_on, cluster):
+def test_the_api_answers_503_with_retry_after_when_the_database_refuses(default_on, cluster, caplog):
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION="Token 0123456789abcdef0123456789abcdef01234567")
     default_on()
-    with cluster.refuse_connections():
+    with cluster.refuse_connections(), caplog.at_level(logging.INFO):
         listing = client.get("/api/orders/")
         placing = client.post("/api/orders/", {"lines": [{"product": 1, "quantity": 1}]}, format="json")
+
+    # One warning line per request, with the cause; no traceback, no "Service Unavailable" error line.
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage().split(" (")[0] for r in lines] == [
+        "GET /api/orders/: 503 database_unavailable",
+        "POST /api/orders/: 503 database_unavailable",
+    ], caplog.text
+    assert all(r.exc_info is None for r in lines)
 
     for response in (listing, placing):
         assert response.status_code == 503, response.content
