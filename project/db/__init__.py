@@ -35,27 +35,22 @@ def after_commit(using: str, func: Callable[..., Any], /, *args: Any, robust: bo
     the caller's record, e.g. the pending order, is what gets it sent later) is
     one warning line; anything else is Django's error log with its traceback.
     """
-    callback = partial(func, *args, **kwargs)
-    name = getattr(func, "__qualname__", repr(func))
-    if robust:
-        callback = partial(_quiet_when_broker_unavailable, callback, _call_text(name, args, kwargs))
-    callback.__qualname__ = name
+    callback = (_QuietWhenBrokerUnavailable if robust else partial)(func, *args, **kwargs)
+    callback.__qualname__ = getattr(func, "__qualname__", repr(func))
     transaction.on_commit(callback, using=using, robust=robust)
 
 
-def _call_text(name: str, args: tuple, kwargs: dict) -> str:
-    """``name(12, order_id=12, …)``: the plain values of a call, for one log line."""
-    shown = [repr(a) if isinstance(a, int | str) else "…" for a in args]
-    shown += [f"{k}={v!r}" if isinstance(v, int | str) else f"{k}=…" for k, v in kwargs.items()]
-    return f"{name}({', '.join(shown)})"
+class _QuietWhenBrokerUnavailable(partial):
+    """A partial (``func``, ``args``, ``keywords`` as ever) that logs BrokerUnavailable in one line, not raised."""
 
-
-def _quiet_when_broker_unavailable(callback: Callable[[], Any], text: str) -> Any:
-    try:
-        return callback()
-    except BrokerUnavailable as exc:
-        logger.warning("on commit: %s not published: %s", text, exc)
-        return None
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except BrokerUnavailable as exc:
+            shown = [repr(a) if isinstance(a, int | str) else "…" for a in self.args]
+            shown += [f"{k}={v!r}" if isinstance(v, int | str) else f"{k}=…" for k, v in self.keywords.items()]
+            logger.warning("on commit: %s(%s) not published: %s", self.__qualname__, ", ".join(shown), exc)
+            return None
 
 
 class Statement:
