@@ -9,7 +9,7 @@ BROKER_PUBLISH_TIMEOUT_SECONDS or raises `BrokerUnavailable` — a kombu
 ``OperationalError``, which saga steps already treat as transient.
 
 What Celery and kombu offer, and why it is not enough alone (Celery 5.7,
-kombu 5.7, py-amqp 5.4; docs/celery.md 17):
+kombu 5.7, py-amqp 5.4; docs/celery.md 21):
 
 * ``apply_async(timeout=, confirm_timeout=)`` reach py-amqp's
   ``basic_publish`` (a socket-write timeout) and the publisher-confirm wait.

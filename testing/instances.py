@@ -39,18 +39,27 @@ POSTGRES_CONFIG = Path("/etc/postgresql")
 POSTGRES_SOCKET_DIR = "/var/run/postgresql"
 
 _names = itertools.count(1)
+# Where each kind of port is drawn from: apart from each other, and below Linux's ephemeral
+# range (32768-60999), where outgoing connections take their local ports.
+RABBITMQ_DIST_PORTS = (12000, 14000)  # the CLI listens 10000 above: 22000-24010
+EPMD_PORTS = (14000, 15000)
+AMQP_PORTS = (15000, 20000)
+POSTGRES_PORTS = (25000, 27000)
+WEB_PORTS = (27000, 30000)
 _ports_lock = threading.Lock()
 _ports_given: set[int] = set()
-# Instances started and not removed yet: removed at interpreter exit if a caller could not.
-_live: dict[int, "RabbitMQNode | PostgresCluster"] = {}
+# Instances started and not removed yet, with the pid of the process that started them:
+# removed at that process's exit if a caller could not (never by a forked child's exit).
+_live: dict[int, tuple[int, "RabbitMQNode | PostgresCluster"]] = {}
 
 
 @atexit.register
 def remove_all() -> None:
     """Remove every instance this process started and has not removed (an interrupted run's last resort)."""
-    for instance in list(_live.values()):
-        with contextlib.suppress(Exception):
-            instance.remove()
+    for owner, instance in list(_live.values()):
+        if owner == os.getpid():
+            with contextlib.suppress(Exception):
+                instance.remove()
 
 
 class InstanceError(RuntimeError):
@@ -87,7 +96,7 @@ def postgres_version() -> str | None:
     return max(versions, key=lambda v: tuple(int(x) for x in v.split(".")), default=None)
 
 
-def free_port(low: int = 20000, high: int = 30000) -> int:
+def free_port(low: int = WEB_PORTS[0], high: int = WEB_PORTS[1]) -> int:
     """A TCP port in [low, high) that nothing listens on at 127.0.0.1 now, not handed out before by this process.
 
     Random rather than the OS's pick (port 0) so a range can be kept: RabbitMQ's
@@ -187,14 +196,15 @@ class RabbitMQNode:
         self.consumer_timeout = consumer_timeout
         self.start_timeout = start_timeout
         self.nodename = f"drill-{os.getpid()}-{next(_names)}@localhost"
-        self.port = free_port()
-        # The CLI listens on the distribution port + 10000 (RABBITMQ_CTL_DIST_PORT_MIN below):
-        # both below 65536, and away from the shared broker's 25672 / 35672-35682.
-        self.dist_port = free_port(20000, 25000)
-        self.epmd_port = free_port(15000, 19000)
+        self.port = free_port(*AMQP_PORTS)
+        # The CLI listens on the distribution port + 10000 (RABBITMQ_CTL_DIST_PORT_MIN below),
+        # away from the shared broker's 25672 and its CLI's 35672-35682.
+        self.dist_port = free_port(*RABBITMQ_DIST_PORTS)
+        self.epmd_port = free_port(*EPMD_PORTS)
         self._server: subprocess.Popen | None = None
         self._epmd: subprocess.Popen | None = None
         self._frozen: list[int] = []
+        self._deadline = 0.0
 
     # --- paths and environment
 
@@ -261,15 +271,18 @@ class RabbitMQNode:
 
     # --- life cycle
 
-    def start(self) -> "RabbitMQNode":
+    def start(self, *, wait: bool = True) -> "RabbitMQNode":
         """Start the node and wait until `rabbitmqctl await_startup` says it has booted (`start_timeout` s).
 
+        With `wait=False` it returns once the node's processes are started;
+        `wait_started()` then waits (something else can start meanwhile).
+        After `stop()` it starts the node again on the same ports and data.
         InstanceError, with the end of the node's log, if it exits or does not boot in time.
         """
         if self._server is not None and self._server.poll() is None:
-            return self
+            return self.wait_started() if wait else self
         self._write_files()
-        _live[id(self)] = self
+        _live[id(self)] = (os.getpid(), self)
         env = self.env()
         self._epmd = subprocess.Popen(  # noqa: S603 (fixed arguments)
             ["epmd", "-port", str(self.epmd_port), "-address", "127.0.0.1"],  # noqa: S607
@@ -278,9 +291,9 @@ class RabbitMQNode:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        deadline = time.monotonic() + self.start_timeout
+        self._deadline = time.monotonic() + self.start_timeout
         while not _port_open(self.epmd_port):
-            if self._epmd.poll() is not None or time.monotonic() > deadline:
+            if self._epmd.poll() is not None or time.monotonic() > self._deadline:
                 self.stop()
                 raise InstanceError(f"epmd did not start on port {self.epmd_port}")
             time.sleep(0.05)
@@ -294,13 +307,19 @@ class RabbitMQNode:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        return self.wait_started() if wait else self
+
+    def wait_started(self) -> "RabbitMQNode":
+        """Until the started node has booted (`start_timeout` s from `start`); else stop it, InstanceError."""
+        if self._server is None:
+            raise InstanceError(f"{self.nodename} was not started")
         try:
             while True:
                 if self._server.poll() is not None:
                     raise InstanceError(
                         f"RabbitMQ node {self.nodename} exited with {self._server.returncode}:\n{self.log_tail()}"
                     )
-                left = deadline - time.monotonic()
+                left = self._deadline - time.monotonic()
                 if left <= 0:
                     raise InstanceError(
                         f"RabbitMQ node {self.nodename} did not boot in {self.start_timeout}s:\n{self.log_tail()}"
@@ -501,7 +520,7 @@ class PostgresCluster:
         if not re.fullmatch(r"[A-Za-z0-9_]+", name):
             raise ValueError(f"cluster name {name!r}: letters, digits and _ only")
         self.name = name
-        self.port = port or free_port(30000, 32000)
+        self.port = port or free_port(*POSTGRES_PORTS)
         self.version = version or postgres_version()
         if not self.version:
             raise InstanceError(f"no PostgreSQL under {POSTGRES_CONFIG}")
@@ -555,7 +574,7 @@ class PostgresCluster:
             ],
         )  # fmt: skip
         self.created = True
-        _live[id(self)] = self
+        _live[id(self)] = (os.getpid(), self)
 
     def start(self) -> "PostgresCluster":
         """Create the cluster if needed and start it; returns once it accepts connections."""

@@ -145,14 +145,21 @@ def rabbitmq_node(request, tmp_path_factory) -> Iterator[RabbitMQNode]:
 
     `@pytest.mark.private_instances(consumer_timeout=MS)` sets the node's
     consumer_timeout. Skipped where the rabbitmq-server package is missing.
+    A test that also uses `postgres_cluster` gets it made while the node boots.
     """
     reason = rabbitmq_available()
     if reason:
         pytest.skip(f"no private RabbitMQ node: {reason}")
     options = _instance_options(request)
     node = RabbitMQNode(tmp_path_factory.mktemp("rabbitmq"), consumer_timeout=options.get("consumer_timeout"))
-    with node:  # removed on the way out, pass or fail
+    try:
+        node.start(wait=False)
+        if "postgres_cluster" in request.fixturenames:
+            request.getfixturevalue("postgres_cluster")
+        node.wait_started()
         yield node
+    finally:  # pass or fail
+        node.remove()
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from testing.instances import free_port
+from testing.instances import WEB_PORTS, free_port
 from testing.workers import BASE_DIR, SupervisionFailed, Workers, test_environment, wait_for
 
 SERVICE_QUEUES = ("orders", "inventory", "reports")
@@ -54,7 +54,9 @@ class Stack:
     filesystem broker) in the stack's own var/ folder. `settings` are
     environment variables for every process, applied last (e.g.
     `{"SAGA_TIMEOUT_SECONDS": "30", "ORDER_DEADLINE_SECONDS": "120"}`; a
-    DATABASE_URL_INVENTORY there splits the databases). The children get:
+    DATABASE_URL_INVENTORY there splits the databases; WEB_CONCURRENCY,
+    WEB_THREADS, WORKER_POOL and WORKER_CONCURRENCY[_<QUEUE>] shape the
+    processes as in the Procfile). The children get:
     the URLs, ORDERFLOW_VAR_DIR=`directory`/var, SECRET_KEY and DEBUG unset
     as under `make run` (a key generated once into var/, DEBUG off), the saga
     settings of `stack_environment()`, ORDER_CREATE_THROTTLE off (drills place
@@ -78,7 +80,7 @@ class Stack:
     ) -> None:
         self.directory = Path(directory).resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.port = web_port or free_port(32000, 34000)
+        self.port = web_port or free_port(*WEB_PORTS)
         self.start_timeout = start_timeout
         self.env = {
             **stack_environment(),
@@ -112,21 +114,23 @@ class Stack:
         try:
             for alias in self.database_aliases():
                 self.manage("migrate", f"--database={alias}", "--noinput", timeout=self.start_timeout)
+            env = self.env
             self.workers.start_process(
                 "web",
                 [
                     sys.executable, "-m", "gunicorn", "project.wsgi", "--bind", f"127.0.0.1:{self.port}",
-                    "--workers", "2", "--threads", "4", "--access-logfile", "-", "--error-logfile", "-",
-                    "--no-control-socket",
+                    "--workers", env.get("WEB_CONCURRENCY", "2"), "--threads", env.get("WEB_THREADS", "4"),
+                    "--access-logfile", "-", "--error-logfile", "-", "--no-control-socket",
                 ],
             )  # fmt: skip
+            offsets = {name: self._log_size(name) for name in (*SERVICE_QUEUES, "beat")}
             for queue in SERVICE_QUEUES:
-                self.workers.start(queue, options=["-O", "fair"])
+                self._start_worker(queue)
             self.workers.start_beat()
             deadline = time.monotonic() + self.start_timeout
             for queue in SERVICE_QUEUES:
-                self._wait_log(queue, f"{self.workers.node_name(queue)} ready.", deadline)
-            self._wait_log("beat", "beat: Starting...", deadline)
+                self._wait_log(queue, f"{self.workers.node_name(queue)} ready.", deadline, since=offsets[queue])
+            self._wait_log("beat", "beat: Starting...", deadline, since=offsets["beat"])
             wait_for(self._web_ready, timeout=max(1.0, deadline - time.monotonic()), interval=0.1, what="the web")
         except BaseException:
             self.stop()
@@ -146,15 +150,40 @@ class Stack:
     def database_aliases(self) -> list[str]:
         return ["default"] + [a for a in ("inventory", "reports") if self.env.get(f"DATABASE_URL_{a.upper()}")]
 
-    def _wait_log(self, name: str, text: str, deadline: float) -> None:
+    def _start_worker(self, queue: str) -> None:
+        """The Procfile's worker line: its pool (WORKER_POOL) and concurrency (WORKER_CONCURRENCY[_QUEUE]), -O fair."""
+        env = self.env
+        concurrency = env.get(f"WORKER_CONCURRENCY_{queue.upper()}") or env.get("WORKER_CONCURRENCY") or "2"
+        self.workers.start(queue, int(concurrency), pool=env.get("WORKER_POOL") or "prefork", options=["-O", "fair"])
+
+    def _log_size(self, name: str) -> int:
+        default = f"worker-{name}" if name in SERVICE_QUEUES else name
+        path = self.workers.log_path(self.workers.logs.get(name, default))
+        return path.stat().st_size if path.exists() else 0
+
+    def _wait_log(self, name: str, text: str, deadline: float, since: int = 0) -> None:
+        """Until `text` is in the log of process `name` after byte `since`; SupervisionFailed if it exits first."""
         process = self.workers.processes[name]
+        path = self.workers.log_path(self.workers.logs[name])
 
         def seen():
             if process.poll() is not None:
                 raise SupervisionFailed(f"{name} exited with {process.returncode}:\n{self.workers.tail(name)}")
-            return text in self.workers.tail(name, chars=1_000_000)
+            with path.open("rb") as log:
+                log.seek(since)
+                return text in log.read().decode(errors="replace")
 
         wait_for(seen, timeout=max(1.0, deadline - time.monotonic()), interval=0.1, what=f"{name}: {text!r}")
+
+    def start_worker(self, queue: str, timeout: float = 60.0) -> None:
+        """Start the queue's worker again (after `stop_worker` or a kill) and wait until it is ready."""
+        since = self._log_size(queue)
+        self._start_worker(queue)
+        self._wait_log(queue, f"{self.workers.node_name(queue)} ready.", time.monotonic() + timeout, since=since)
+
+    def stop_worker(self, queue: str, *, warm: bool = False) -> None:
+        """Stop the queue's worker (`warm`: SIGTERM to the main process only, so it finishes its tasks)."""
+        self.workers.stop(queue, warm=warm)
 
     def _web_ready(self) -> bool:
         web = self.workers.processes["web"]

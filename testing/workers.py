@@ -218,12 +218,22 @@ class Workers:
 
     # --- starting -------------------------------------------------------------------
 
-    def start_process(self, name: str, argv: Sequence[str], *, log: str | None = None) -> subprocess.Popen:
-        """Start `argv` in a session of its own from the project folder, its output appended to `log`.log."""
+    def start_process(
+        self, name: str, argv: Sequence[str], *, log: str | None = None, env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen:
+        """Start `argv` in a session of its own from the project folder, its output appended to `log`.log.
+
+        `env` is added to the children's environment for this process only.
+        """
         self.logs[name] = log or name
         with self.log_path(self.logs[name]).open("ab") as file:  # the child keeps its own copy
             process = subprocess.Popen(  # noqa: S603 (our own interpreter and fixed arguments)
-                list(argv), cwd=BASE_DIR, env=self.env(), stdout=file, stderr=subprocess.STDOUT, start_new_session=True
+                list(argv),
+                cwd=BASE_DIR,
+                env=self.env() | dict(env or {}),
+                stdout=file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self.processes[name] = process
         return process
@@ -239,15 +249,22 @@ class Workers:
         pool: str | None = None,
         loglevel: str = "INFO",
         options: Sequence[str] = (),
+        prefix: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> None:
-        """Start a `celery worker` consuming `queue` (not waiting for it: see `wait_ready`)."""
-        argv = [
+        """Start a `celery worker` consuming `queue` (not waiting for it: see `wait_ready`).
+
+        `prefix` goes before the interpreter (e.g. ``["faketime", "-f", "+60s"]``: a clock of its own);
+        `env` is added to this worker's environment (e.g. its time limits: the task's, from settings,
+        win over the command line's ``--time-limit``).
+        """
+        argv = [*prefix,
             sys.executable, "-m", "celery", "-A", "project", "worker", "-Q", queue, "-n", self.node_name(queue),
             "-c", str(concurrency), "-l", loglevel, "--without-gossip", "--without-mingle",
         ]  # fmt: skip
         if pool:
             argv += ["-P", pool]
-        self.start_process(queue, [*argv, *options], log=f"worker-{queue}")
+        self.start_process(queue, [*argv, *options], log=f"worker-{queue}", env=env)
 
     def start_beat(self) -> None:
         self.start_process(

@@ -31,7 +31,7 @@ from testing import BASE_DIR, SWEEP_TIMEOUT_SECONDS, wait_for
 pytestmark = [pytest.mark.saga, pytest.mark.faults, pytest.mark.timeout(300)]
 
 ON_POSTGRES = settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
-# Long enough for the sweeper to re-dispatch every lost order SAGA_MAX_ATTEMPTS times.
+# Long enough for the sweeper to re-send a lost order a few times.
 END_WITHIN = SWEEP_TIMEOUT_SECONDS * 4 + 60
 
 
@@ -192,6 +192,52 @@ def test_step_that_always_kills_its_worker_is_retried_until_the_order_deadline(w
     )
     assert len(re.findall(r"Process .* exited with 'exitcode 1'", workers.log("reports"))) >= 2
     assert Product.objects.get(pk=product.pk).stock == 3
+    assert_consistent()
+
+
+def test_a_bug_in_a_step_cancels_the_order_naming_it(workers, user, make_product):
+    """A fault of the code is not retried: the order is compensated at once, and the reason says what failed."""
+    product = make_product(stock=3)
+    workers.set_faults({"reports.sale_record": {"action": "bug"}})
+
+    order_id = place(user, [(product, 1)])
+
+    assert wait_terminal([order_id]) == {order_id: "cancelled"}
+    assert CancelledOrder.objects.get(pk=order_id).reason == (
+        "reports.sale_record failed: RuntimeError: injected bug in reports.sale_record"
+    )
+    assert Product.objects.get(pk=product.pk).stock == 3
+    assert_consistent()
+
+
+@pytest.mark.parametrize(
+    ("limits", "blocked", "logged"),
+    [
+        ({"CELERY_TASK_SOFT_TIME_LIMIT": "2", "CELERY_TASK_TIME_LIMIT": "30"}, False, "Soft time limit (2s) exceeded"),
+        # Blocked where the soft limit cannot interrupt it (a lock wait in C): the hard limit kills the process.
+        ({"CELERY_TASK_SOFT_TIME_LIMIT": "2", "CELERY_TASK_TIME_LIMIT": "4"}, True, "Hard time limit (4s) exceeded"),
+    ],
+    ids=["soft", "hard"],
+)
+def test_a_step_blocked_past_its_time_limit_runs_again(workers, user, make_product, limits, blocked, logged):
+    """Blocked past a time limit is infrastructure: the step runs again (a retry, or the message put back)."""
+    product = make_product(stock=3)
+    workers.stop("inventory")
+    workers.start("inventory", env=limits)
+    try:
+        workers.wait_ready("inventory")
+        workers.set_faults(
+            {"inventory.stock_reserve": {"action": "sleep", "seconds": 8, "times": 1, "blocked": blocked}}
+        )
+
+        order_id = place(user, [(product, 1)])
+
+        assert wait_terminal([order_id]) == {order_id: "confirmed"}
+        assert logged in workers.log("inventory")
+    finally:
+        workers.stop("inventory")
+        workers.restart("inventory")
+    assert Product.objects.get(pk=product.pk).stock == 2
     assert_consistent()
 
 

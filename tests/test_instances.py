@@ -155,3 +155,8 @@ def test_stack_on_private_instances_confirms_orders_and_audits_clean(drill_stack
     assert list(stack.cancelled_reasons().values()) == [f"insufficient stock for product {product}: wanted 1, have 0"]
     stack.check_books({product: 2})
     assert stack.request("GET", "/readyz").status == 200
+
+    stack.stop_worker("inventory")
+    stack.start_worker("inventory")
+    replies = stack.place_orders(1, [product])
+    assert stack.wait_terminal(stack.order_ids(replies), timeout=60) == {replies[0].body["id"]: "cancelled"}

@@ -30,11 +30,21 @@ def queue_of(task_name: str) -> str:
     return app.amqp.router.route({}, task_name)["queue"].name
 
 
+def service_queue_of(task_name: str) -> str:
+    """The queue a task must land on: its service's, or its service's compensation queue for an undo step."""
+    service = task_name.partition(".")[0]
+    if task_name in settings.COMPENSATION_TASKS:
+        return settings.COMPENSATION_QUEUES[service]
+    return service
+
+
 def test_every_service_task_routes_to_its_own_queue(registered):
     service_tasks = [name for name in registered if name.partition(".")[0] in SERVICES]
     assert service_tasks, "no service task registered: autodiscovery found nothing"
-    wrong = {name: queue_of(name) for name in service_tasks if queue_of(name) != name.partition(".")[0]}
+    wrong = {name: queue_of(name) for name in service_tasks if queue_of(name) != service_queue_of(name)}
     assert wrong == {}
+    undo = {name for name in service_tasks if queue_of(name).endswith(".compensation")}
+    assert undo == {"orders.order_compensate", "orders.order_delete", "reports.sale_revert", "inventory.stock_release"}
 
 
 def test_every_task_belongs_to_a_service_or_to_celery(registered):
@@ -60,10 +70,11 @@ def test_the_saga_names_only_registered_tasks(registered, user):
     order = Order.objects.create(user=user)
     OrderLine.objects.create(order=order, product_id=1, product_name="p", unit_price=1, quantity=1)
     forward = order_saga(order)
-    names = [step.task for step in forward.tasks] + [errback["task"] for errback in forward.options["link_error"]]
+    # The compensation a failing step publishes (project.saga.SagaStep._fail) is named by string too.
+    names = [step.task for step in forward.tasks] + ["orders.order_compensate"]
     names += [step.task for step in compensation_saga(order.pk).tasks]
     assert set(names) <= set(registered), set(names) - set(registered)
-    assert [queue_of(name) for name in names] == [name.partition(".")[0] for name in names]
+    assert [queue_of(name) for name in names] == [service_queue_of(name) for name in names]
 
 
 def test_celerys_own_tasks_go_to_a_consumed_queue():
@@ -87,8 +98,11 @@ def test_the_saga_runs_with_exactly_one_worker_per_queue(workers, user, make_pro
         }
 
     consumed = wait_for(consumed_queues, timeout=30, interval=0.5, what="every worker to answer")
-    # Three workers on this broker, each consuming exactly one queue, a different one.
-    assert sorted(consumed.values()) == [[queue] for queue in sorted(SERVICES)], consumed
+    # Three workers on this broker, each consuming exactly one service queue, a different one,
+    # and that service's compensation queue (project/celery.py adds it at start).
+    assert sorted(consumed.values()) == [[queue, settings.COMPENSATION_QUEUES[queue]] for queue in sorted(SERVICES)], (
+        consumed
+    )
 
     product = make_product(stock=2)
     order_id = order_services.order_create(user=user, lines=[{"product": product.pk, "quantity": 1}]).order.pk

@@ -21,6 +21,7 @@ DISK_FULL = "disk_full"  # the server's, or the embedded database's, disk
 CONTENTION = "contention"  # serialization failure, deadlock, lock or statement timeout: run it again
 
 _BY_SQLSTATE = {
+    "3D000": UNAVAILABLE,  # invalid_catalog_name: the database is not there (yet, or any more)
     "25006": READ_ONLY,  # read_only_sql_transaction
     "53100": DISK_FULL,  # disk_full
     "53200": UNAVAILABLE,  # out_of_memory
@@ -34,6 +35,7 @@ _BY_SQLSTATE = {
 }
 _BY_SQLSTATE_CLASS = {
     "08": UNAVAILABLE,  # connection exception
+    "28": UNAVAILABLE,  # invalid authorization: pg_hba.conf rejects, a password refused
     "40": CONTENTION,  # transaction rollback: serialization failure (40001), deadlock (40P01)
     "53": UNAVAILABLE,  # insufficient resources
 }

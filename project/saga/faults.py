@@ -15,8 +15,10 @@ and ``orders.dispatch`` (after the order committed, before the saga is published
 
 `action` is ``fail`` (a business error), ``transient`` (a database
 OperationalError, retried), ``broker`` (the broker refuses: kombu's
-OperationalError), ``bug`` (a RuntimeError: a fault of the code), ``sleep`` (``seconds``; a window to kill the
-process in) or ``exit`` (the process dies at once, as under ``kill -9``).
+OperationalError), ``bug`` (a RuntimeError: a fault of the code), ``sleep``
+(``seconds``; a window to kill the process in; with ``"blocked": true`` the
+soft time limit does not interrupt it) or ``exit`` (the process dies at
+once, as under ``kill -9``).
 `orders` limits the fault to those order ids; `times` lets it happen only that
 many times per order (counted in files beside the faults file). A sleeping
 process writes its pid beside the faults file too.
@@ -27,6 +29,7 @@ import os
 import time
 from pathlib import Path
 
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import OperationalError
 from kombu.exceptions import OperationalError as BrokerOperationalError
@@ -50,6 +53,17 @@ def _consume(path: str, point: str, order_id: int, times: int | None) -> bool:
     finally:
         os.close(fd)
     return counter.stat().st_size <= times
+
+
+def _sleep(seconds: float, *, blocked: bool) -> None:
+    """Sleep; `blocked`: as a call blocked in C (a lock wait in libpq), which Celery's soft limit cannot interrupt."""
+    until = time.monotonic() + seconds
+    while (left := until - time.monotonic()) > 0:
+        try:
+            time.sleep(left)
+        except SoftTimeLimitExceeded:
+            if not blocked:
+                raise
 
 
 def inject(point: str, order_id: int) -> None:
@@ -78,6 +92,6 @@ def inject(point: str, order_id: int) -> None:
     if action == "sleep":
         # Say who is sleeping, so a drill can kill exactly this process.
         Path(f"{path}.{point.replace(':', '-')}.{order_id}.pid").write_text(str(os.getpid()))
-        time.sleep(float(fault.get("seconds", 1)))
+        _sleep(float(fault.get("seconds", 1)), blocked=bool(fault.get("blocked")))
     elif action == "exit":
         os._exit(1)
