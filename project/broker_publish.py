@@ -111,15 +111,23 @@ class _Outage:
     def __init__(self, broker: str) -> None:
         self.broker = broker
         self.slots = threading.BoundedSemaphore(WAITING_PUBLISHES)
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self.reason: str | None = None  # None: publishing works, as far as this process knows
         self.blocked = False
         self._retry_at = 0.0
         self._trial = False
 
-    def admit(self) -> bool:
-        """Let a publish go ahead (True if it is the outage's trial), or raise BrokerUnavailable at once."""
+    def admit(self, wait_for_trial: float = 0.0) -> bool:
+        """Let a publish go ahead (True if it is the outage's trial), or raise BrokerUnavailable at once.
+
+        `wait_for_trial` (s): while a trial publish is under way, wait up to that
+        long for its outcome instead of answering with what was known before it
+        (/readyz: the state of now, not of the last failure).
+        """
         with self._lock:
+            deadline = monotonic() + wait_for_trial
+            while self.reason is not None and self._trial and monotonic() < deadline:
+                self._lock.wait(deadline - monotonic())
             if self.reason is None:
                 return False
             if self._trial or monotonic() < self._retry_at:
@@ -140,18 +148,21 @@ class _Outage:
             self.reason, self.blocked = reason, blocked
             self._retry_at = monotonic() + RETRY_INTERVAL_SECONDS
             self._trial = False
+            self._lock.notify_all()
 
     def settled(self, trial: bool) -> None:
         """A trial publish ended without an availability failure (or it was not a trial)."""
         if trial:
             with self._lock:
                 self._trial = False
+                self._lock.notify_all()
 
     def ok(self) -> None:
         with self._lock:
             if self.reason is not None:
                 logger.warning("broker %s available again (was: %s)", self.broker, self.reason)
             self.reason, self.blocked, self._trial = None, False, False
+            self._lock.notify_all()
 
     def state(self) -> str | None:
         """None when publishing works as far as this process knows, else "blocked: …" or "unavailable: …"."""
@@ -199,25 +210,42 @@ def connection_blocked(reason: str) -> None:
     """py-amqp's ``on_blocked``: RabbitMQ blocks this connection (a resource alarm). Raises inside a publish.
 
     py-amqp reads frames, and so calls this, only while something waits on the
-    connection: for a publishing connection, inside a publish, in its own thread.
-    Raising there ends the publish at once instead of waiting out its timeout for
-    a confirm that cannot come, and the broker's outage state fails the next
-    ones at once. Outside a publish (a worker's consumer connection replying to
-    a remote-control command) there is no telling which broker: nothing is kept.
+    connection: for a publishing connection, inside a publish, in its own
+    thread. Before a publish, `bounded_connection` reads what the broker said
+    while nobody listened (a ``blocked`` then an ``unblocked`` from an alarm
+    long over must not fail it) and only notes it; once the publish is on its
+    way, a ``blocked`` raises, which ends the publish at once instead of waiting
+    out its timeout for a confirm that cannot come, and the broker's outage
+    state fails the next ones at once. Outside a publish (a worker's consumer
+    connection replying to a remote-control command) there is no telling which
+    broker: nothing is kept.
     """
     outage = getattr(_local, "outage", None)
     if outage is None:
         logger.warning("broker connection blocked (%s)", reason)
         return
-    outage.failed(f"blocked by the broker ({reason})", blocked=True)
-    raise BrokerBlocked(outage.reason or reason)
+    _local.blocked = reason
+    if getattr(_local, "raise_on_block", False):
+        outage.failed(f"blocked by the broker ({reason})", blocked=True)
+        raise BrokerBlocked(outage.reason or reason)
 
 
 def connection_unblocked() -> None:
     """py-amqp's ``on_unblocked``: every resource alarm cleared."""
+    _local.blocked = None
     outage = getattr(_local, "outage", None)
-    if outage is not None:
+    if outage is not None and getattr(_local, "raise_on_block", False):
         outage.ok()
+
+
+def _read_notifications(connection: Connection) -> None:
+    """Read, without waiting, the frames the broker sent while nobody read the connection (blocked, unblocked)."""
+    raw = connection.connection
+    for _ in range(100):  # a handful at most; never a loop without end
+        try:
+            raw.drain_events(timeout=0)
+        except TimeoutError:
+            return
 
 
 def amqp_transport_options() -> dict[str, Any]:
@@ -287,6 +315,12 @@ def bounded_connection(connection: Connection, deadline: float) -> Iterator[floa
         sock = connection.connection.transport.sock
         sock.settimeout(remaining)
         try:
+            _local.blocked = None
+            _read_notifications(connection)
+            if _local.blocked is not None:  # blocked, and no unblocked since: the alarm is on
+                _local.outage.failed(f"blocked by the broker ({_local.blocked})", blocked=True)
+                raise BrokerBlocked(_local.outage.reason or _local.blocked)
+            _local.raise_on_block = True
             yield remaining
         finally:
             if connection.connected and connection.connection.transport.sock is sock:
@@ -296,6 +330,8 @@ def bounded_connection(connection: Connection, deadline: float) -> Iterator[floa
         raise
     finally:
         _local.outage = None
+        _local.raise_on_block = False
+        _local.blocked = None
 
 
 def _retryable_at_once(exc: BaseException, connection: Connection) -> bool:
@@ -334,7 +370,9 @@ def _publish_network(producer: Producer, connection: Connection, publish: Callab
     raise AssertionError("unreachable")
 
 
-def bounded_publish(producer: Producer, publish: Callable[[float], T], *, what: str = "a message") -> T:
+def bounded_publish(
+    producer: Producer, publish: Callable[[float], T], *, what: str = "a message", wait_for_trial: float = 0.0
+) -> T:
     """Run ``publish(seconds_left)`` on `producer` within BROKER_PUBLISH_TIMEOUT_SECONDS, or raise BrokerUnavailable.
 
     Args:
@@ -342,6 +380,8 @@ def bounded_publish(producer: Producer, publish: Callable[[float], T], *, what: 
         publish: sends the message; gets the seconds left, to pass on as
             ``timeout`` and ``confirm_timeout``. It must not retry by itself.
         what: names the message in the debug log of a failure.
+        wait_for_trial: seconds to wait for a trial publish under way (see
+            `_Outage.admit`) before answering from the known outage.
 
     Raises BrokerUnavailable at once while the broker is known to be blocked or
     unreachable (see the module docstring), BrokerBlocked when RabbitMQ blocks
@@ -351,7 +391,7 @@ def bounded_publish(producer: Producer, publish: Callable[[float], T], *, what: 
     """
     connection = producer.connection
     outage = outage_of_broker(connection)
-    trial = outage.admit()
+    trial = outage.admit(wait_for_trial)
     try:
         if connection is not None and _is_network(connection):
             if not outage.slots.acquire(timeout=SLOT_WAIT_SECONDS):
@@ -404,6 +444,8 @@ def probe(app: Any) -> None:
             content_encoding="binary",
         ),
         what="the readiness probe",
+        # A publish trying the broker again is under way: its outcome is the answer.
+        wait_for_trial=_timeout(),
     )
     try:
         with bounded_connection(connection, monotonic() + _timeout()):

@@ -124,6 +124,16 @@ def test_a_memory_alarm_fails_every_publish_at_once_and_publishing_resumes_after
     assert broker_publish.broker_state(app) is None
 
 
+def test_an_alarm_that_came_and_went_while_nothing_was_published_fails_nothing_after(app, node):
+    """RabbitMQ told the idle pooled connection "blocked", then "unblocked": old news, read before the next publish."""
+    assert send(app)[0] == "ok"
+    with node.memory_alarm():
+        time.sleep(0.5)
+
+    assert send(app)[0] == "ok"
+    assert broker_publish.broker_state(app) is None
+
+
 def test_remote_control_under_an_alarm_fails_within_the_bound(app, node):
     """kombu's Mailbox broadcasts (inspect, ping: the sweeper asks the workers) through the app's producer pool."""
     outcome: list[BaseException | list] = []
