@@ -29,7 +29,11 @@ from project.broker_publish import BrokerBlocked, BrokerUnavailable
 from project.db import after_commit
 from testing.instances import RabbitMQNode, rabbitmq_available
 
-pytestmark = pytest.mark.skipif(bool(rabbitmq_available()), reason=rabbitmq_available() or "")
+pytestmark = [
+    pytest.mark.private_instances,
+    pytest.mark.timeout(120),  # a publish that hangs fails the test instead of the run
+    pytest.mark.skipif(bool(rabbitmq_available()), reason=rabbitmq_available() or ""),
+]
 
 BOUND = settings.BROKER_PUBLISH_TIMEOUT_SECONDS
 # A hang from an answer: every publish here must end well within this.

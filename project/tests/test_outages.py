@@ -31,7 +31,9 @@ from project.http.errors import (
 )
 from testing.instances import PostgresCluster, postgres_available
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.timeout(120)]
+# The tests that use the private cluster (the plugin marks only its own fixtures' users).
+private = pytest.mark.private_instances
 
 
 # --- instances ----------------------------------------------------------------------------
@@ -107,6 +109,7 @@ def fill(folder: Path) -> None:
 # --- what is an outage: real errors, classified -------------------------------------------
 
 
+@private
 def test_a_database_that_refuses_connections_is_unavailable(cluster):
     connection = pg_connection(cluster)
     with cluster.refuse_connections():
@@ -115,6 +118,7 @@ def test_a_database_that_refuses_connections_is_unavailable(cluster):
     assert outage_of(exc) is DATABASE_UNAVAILABLE, repr(exc)
 
 
+@private
 def test_a_session_the_server_cut_is_unavailable(cluster):
     connection = pg_connection(cluster)
     connection.ensure_connection()
@@ -126,6 +130,7 @@ def test_a_session_the_server_cut_is_unavailable(cluster):
     assert outage_of(exc) is DATABASE_UNAVAILABLE, repr(exc)
 
 
+@private
 def test_a_read_only_database_is_read_only_by_its_sqlstate(cluster):
     cluster.sql("CREATE TABLE IF NOT EXISTS t (n integer)", dbname="outages")
     connection = pg_connection(cluster)
@@ -137,6 +142,7 @@ def test_a_read_only_database_is_read_only_by_its_sqlstate(cluster):
     assert outage_of(exc) is DATABASE_READ_ONLY
 
 
+@private
 def test_errors_that_retrying_cannot_fix_are_not_outages(cluster):
     cluster.sql("CREATE TABLE IF NOT EXISTS u (n integer PRIMARY KEY)", dbname="outages")
     cluster.sql("INSERT INTO u VALUES (1) ON CONFLICT DO NOTHING", dbname="outages")
@@ -182,6 +188,7 @@ def test_no_space_left_on_a_write_is_disk_full(full_tmpfs):
 # --- the answers: 503, Retry-After, the one shape ------------------------------------------
 
 
+@private
 def test_the_api_answers_503_with_retry_after_when_the_database_refuses(default_on, cluster, caplog):
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION="Token 0123456789abcdef0123456789abcdef01234567")
@@ -204,6 +211,7 @@ def test_the_api_answers_503_with_retry_after_when_the_database_refuses(default_
         assert response["Retry-After"] == str(DATABASE_UNAVAILABLE.retry_after)
 
 
+@private
 def test_the_admin_answers_503_not_500_when_the_database_refuses(client, default_on, cluster):
     client.cookies["sessionid"] = "a-session-the-database-must-look-up"
     default_on()
@@ -216,6 +224,7 @@ def test_the_admin_answers_503_not_500_when_the_database_refuses(client, default
     assert DATABASE_UNAVAILABLE.detail in response.content.decode()
 
 
+@private
 def test_an_outage_outside_any_view_is_503_too(cluster):
     """Django's handler500 (errors.server_error_view) sees the exception: a middleware's, for one."""
     request = RequestFactory().get("/api/orders/")
@@ -245,6 +254,7 @@ def test_a_blocked_broker_is_503_broker_unavailable_where_a_request_needs_it():
 # --- /readyz names each --------------------------------------------------------------------
 
 
+@private
 def test_readyz_names_a_database_that_refuses_connections(client, default_on, cluster):
     default_on()
     with cluster.refuse_connections():
@@ -256,6 +266,7 @@ def test_readyz_names_a_database_that_refuses_connections(client, default_on, cl
     assert "pg_hba.conf rejects connection" in state
 
 
+@private
 def test_readyz_names_a_read_only_database(client, default_on, cluster):
     default_on()
     with cluster.read_only():
