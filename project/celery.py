@@ -10,7 +10,9 @@ from django.db import connections
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 
-app = Celery("orderflow")
+# Every publish (a task from the web, a chain's next step, a retry, an error callback, beat's
+# sweep, an event) goes through project.broker_publish, which bounds it in time.
+app = Celery("orderflow", amqp="project.broker_publish:AMQP", events="project.broker_publish:Events")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 # Every installed app's tasks.py: the services', and bench's floor tasks only where
 # the benchmark is installed (ORDERFLOW_BENCH=1).

@@ -20,6 +20,8 @@ import environ
 from django.core.exceptions import ImproperlyConfigured
 from kombu import Queue
 
+from project import broker_publish
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
@@ -101,6 +103,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # A database, disk or broker outage raised by a view is a 503 with Retry-After, not a 500.
+    "project.http.errors.OutageMiddleware",
 ]
 
 ROOT_URLCONF = "project.urls"
@@ -232,6 +236,11 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {"OrderStatusEnum": "orders.models.Order.Status"},
     # Every API URL also answers without its trailing slash (project/urls.py); the schema names each once.
     "PREPROCESSING_HOOKS": ["project.http.schema.one_path_per_endpoint"],
+    # drf-spectacular's own enum hook, then: every operation documents its 503 (project.http.errors).
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "project.http.schema.document_outages",
+    ],
 }
 
 # --- Throttles -----------------------------------------------------------------
@@ -297,6 +306,14 @@ COMPENSATION_TASKS = {
     "reports.sale_revert": "reports",
     "inventory.stock_release": "inventory",
 }
+# Every publish (the web's on commit, a worker's next step, retry or error callback, beat's
+# sweep, a product event) completes within this or fails as "broker unavailable"
+# (project/broker_publish.py: connecting, declaring, writing and the publisher confirm together).
+# After such a failure, or a RabbitMQ resource alarm (connection.blocked), each process fails
+# its publishes at once and tries one every 2 s.
+BROKER_PUBLISH_TIMEOUT_SECONDS = env.float("BROKER_PUBLISH_TIMEOUT_SECONDS", default=1.0)
+if BROKER_PUBLISH_TIMEOUT_SECONDS <= 0:
+    raise ValueError(f"BROKER_PUBLISH_TIMEOUT_SECONDS={BROKER_PUBLISH_TIMEOUT_SECONDS}: expected seconds > 0")
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="") or "filesystem://localhost/"
 _BROKER_DIR = VAR_DIR / "broker"
 if CELERY_BROKER_URL.startswith("filesystem"):
@@ -315,8 +332,15 @@ if CELERY_BROKER_URL.startswith("filesystem"):
         "polling_interval": env.float("FILESYSTEM_POLLING_INTERVAL", default=0.05),
     }
 else:
-    # Publisher confirms: apply_async returns only once RabbitMQ has the message.
-    CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True}
+    # Publisher confirms (apply_async returns only once RabbitMQ has the message), and
+    # RabbitMQ's connection.blocked / unblocked (a memory or disk alarm) reported to
+    # project/broker_publish.py: a blocked publish fails at once, and the next ones until it clears.
+    CELERY_BROKER_TRANSPORT_OPTIONS = broker_publish.amqp_transport_options()
+# Bounded by project/broker_publish.py, which retries a dead pooled connection once itself:
+# Celery's own publish retries would each get the whole timeout again.
+CELERY_TASK_PUBLISH_RETRY = False
+# Waiting for a free producer (every one busy publishing) is part of the bound too.
+CELERY_BROKER_POOL_ACQUIRE_TIMEOUT = BROKER_PUBLISH_TIMEOUT_SECONDS
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_QUEUES = [
     Queue(name, routing_key=name, durable=True) for name in (*SERVICE_QUEUES, *COMPENSATION_QUEUES.values())
@@ -357,6 +381,9 @@ CELERY_WORKER_LOST_WAIT = env.float("CELERY_WORKER_LOST_WAIT", default=10.0)
 # /readyz reports a service queue as "stalled" when messages wait and no consumer
 # took one for this long (project/http/health.py; seconds).
 CONSUMER_STALL_SECONDS = env.float("CONSUMER_STALL_SECONDS", default=60.0)
+# /readyz is 503 "disk full" when a local folder the processes write (SQLite, the file broker,
+# the throttle's file cache) has less free space than this (MB), or refuses a small write.
+DISK_FREE_MIN_MB = env.float("DISK_FREE_MIN_MB", default=64.0)
 # Tasks reuse database connections as requests do (CONN_MAX_AGE): the
 # handlers in project/celery.py close old connections around each task, so
 # Celery's own close-after-every-task is turned off here.

@@ -34,6 +34,9 @@ OPERATIONS = {
     ("get", "/api/reports/products/"): {"200", "401", "404"},
     ("post", "/api/auth/token/"): {"200", "400", "413", "415", "429"},
 }
+# Every operation can also answer 503 with Retry-After: a database, disk or broker outage (project.http.errors).
+for _statuses in OPERATIONS.values():
+    _statuses.add("503")
 ERROR = {"$ref": "#/components/schemas/Error"}
 
 
@@ -101,7 +104,7 @@ def test_every_error_response_has_the_one_error_shape(document):
     for path, methods in document["paths"].items():
         for method, operation in methods.items():
             for status, response in operation["responses"].items():
-                if status.startswith("4") and status != "410":
+                if (status.startswith("4") and status != "410") or status == "503":
                     body = response["content"]["application/json"]["schema"]
                     assert body == ERROR, (method, path, status)
                     assert response["description"], (method, path, status)
@@ -118,6 +121,7 @@ def test_headers_parameters_and_enums_are_described(document):
     (key,) = [p for p in create["parameters"] if p["name"] == "Idempotency-Key"]
     assert (key["in"], key["schema"]["minLength"], key["schema"]["maxLength"]) == ("header", 1, 255)
     assert "Retry-After" in create["responses"]["429"]["headers"]
+    assert "Retry-After" in create["responses"]["503"]["headers"]
     assert "Idempotent-Replayed" in create["responses"]["202"]["headers"]
     assert "WWW-Authenticate" in create["responses"]["401"]["headers"]
     filters = {p["name"]: p for p in listing["parameters"]}

@@ -1,5 +1,6 @@
 """Which database alias owns each service's tables (docs/design.md §6)."""
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from functools import partial
@@ -10,6 +11,10 @@ from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Model
 from django.utils import timezone
+
+from project.broker_publish import BrokerUnavailable
+
+logger = logging.getLogger(__name__)
 
 
 def service_db(service: str) -> str:
@@ -24,10 +29,28 @@ def after_commit(using: str, func: Callable[..., Any], /, *args: Any, robust: bo
     callback by: without it the AttributeError escaped instead of the broker
     error being logged (found by the RabbitMQ-restart drill: orders placed
     while the broker was down answered 500).
+
+    robust: an exception is logged, not raised (the commit stands). A publish
+    the broker could not take in time (project.broker_publish.BrokerUnavailable:
+    the caller's record, e.g. the pending order, is what gets it sent later) is
+    one warning line; anything else is Django's error log with its traceback.
     """
-    callback = partial(func, *args, **kwargs)
+    callback = (_QuietWhenBrokerUnavailable if robust else partial)(func, *args, **kwargs)
     callback.__qualname__ = getattr(func, "__qualname__", repr(func))
     transaction.on_commit(callback, using=using, robust=robust)
+
+
+class _QuietWhenBrokerUnavailable(partial):
+    """A partial (``func``, ``args``, ``keywords`` as ever) that logs BrokerUnavailable in one line, not raised."""
+
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except BrokerUnavailable as exc:
+            shown = [repr(a) if isinstance(a, int | str) else "…" for a in self.args]
+            shown += [f"{k}={v!r}" if isinstance(v, int | str) else f"{k}=…" for k, v in self.keywords.items()]
+            logger.warning("on commit: %s(%s) not published: %s", self.__qualname__, ", ".join(shown), exc)
+            return None
 
 
 class Statement:

@@ -2,18 +2,36 @@
 
 Every API error body is ``{"code": str, "detail": str, "fields": {...}}``;
 ``fields`` is present only for input errors and maps a field path to messages.
+
+An outage that retrying can outlast — the database unreachable, read-only or
+busy, a full disk, the broker unavailable — is a ``503`` with ``Retry-After``
+(`outage_of` classifies it), from the API, the admin and any other page alike.
 """
 
+import errno
+import logging
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from html import escape
 from typing import Any
 
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.http import Http404, JsonResponse
+from django.db import DatabaseError
+from django.http import Http404, HttpResponse, JsonResponse
 from django.views import defaults
+from kombu.exceptions import OperationalError as BrokerOperationalError
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.serializers import as_serializer_error
 from rest_framework.views import exception_handler as drf_exception_handler
+from rest_framework.views import set_rollback
+
+from project.broker_publish import BrokerBlocked, BrokerUnavailable
+from project.db import errors as db_errors
+
+logger = logging.getLogger(__name__)
 
 
 class ApplicationError(Exception):
@@ -62,7 +80,147 @@ def error_body(code: str, detail: str, fields: dict[str, Any] | None = None) -> 
     return body
 
 
+# --- outages: 503 with Retry-After -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outage:
+    """A failure that retrying later can outlast: the API's code and detail, and when to retry (seconds)."""
+
+    code: str
+    detail: str
+    retry_after: int
+    #: For /readyz: "unavailable", "read-only", "busy", "disk full", "blocked".
+    state: str
+
+
+DATABASE_UNAVAILABLE = Outage(
+    "database_unavailable", "The database is unavailable. Try again shortly.", 5, "unavailable"
+)
+DATABASE_READ_ONLY = Outage(
+    "database_read_only",
+    "The database accepts no writes at the moment (read-only, e.g. during a failover). Try again later.",
+    30,
+    "read-only",
+)
+DATABASE_BUSY = Outage(
+    "database_busy", "The database is busy (a lock or a conflicting transaction). Try again.", 1, "busy"
+)
+DISK_FULL = Outage("disk_full", "The server's disk is full. Try again later.", 60, "disk full")
+BROKER_UNAVAILABLE = Outage(
+    "broker_unavailable", "The message broker is unavailable. Try again shortly.", 5, "unavailable"
+)
+BROKER_BLOCKED = Outage(
+    "broker_unavailable",
+    "The message broker accepts no messages at the moment (a resource alarm). Try again later.",
+    10,
+    "blocked",
+)
+
+# project.db.errors classifies database errors (SQLSTATE, SQLite's messages) for the saga and here.
+_BY_DATABASE_FAULT = {
+    db_errors.UNAVAILABLE: DATABASE_UNAVAILABLE,
+    db_errors.READ_ONLY: DATABASE_READ_ONLY,
+    db_errors.DISK_FULL: DISK_FULL,
+    db_errors.CONTENTION: DATABASE_BUSY,
+}
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and what caused it (``__cause__``, else ``__context__``), outermost first."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def outage_of(exc: BaseException) -> Outage | None:
+    """The outage `exc` stands for, or None when it is not one (a bug, a refused request: a 500 or 4xx).
+
+    Looks through the exception and its causes:
+
+    * a database error: project.db.errors.database_fault (by SQLSTATE on
+      PostgreSQL: connection exceptions, shutdowns, insufficient resources,
+      25006 read-only, 53100 disk full, serialization failures and deadlocks;
+      by message on SQLite);
+    * ``OSError`` ENOSPC/EDQUOT anywhere (the embedded broker's folder, a file
+      cache): disk full;
+    * project.broker_publish.BrokerBlocked / BrokerUnavailable, kombu's
+      ``OperationalError``: the broker.
+    """
+    for error in _chain(exc):
+        if isinstance(error, BrokerBlocked):
+            return BROKER_BLOCKED
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return DISK_FULL
+    for error in _chain(exc):
+        if isinstance(error, DatabaseError):
+            kind = db_errors.database_fault(error)
+            return _BY_DATABASE_FAULT.get(kind) if kind else None
+        if isinstance(error, BrokerUnavailable | BrokerOperationalError):
+            return BROKER_UNAVAILABLE
+    return None
+
+
+def _log_outage(outage: Outage, exc: BaseException, where: str) -> None:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    logger.warning("%s: 503 %s (%s: %s)", where, outage.code, type(exc).__name__, first_line)
+
+
+def _logged(response: HttpResponse) -> HttpResponse:
+    """Mark the 503 as logged (django.utils.log.log_response's flag): `_log_outage` said it, with the cause."""
+    response._has_been_logged = True
+    return response
+
+
+def outage_response(outage: Outage, request=None) -> HttpResponse:
+    """The 503 for `outage`: the API's JSON shape under /api/ (and for JSON clients), a short page elsewhere."""
+    wants_json = request is None or request.path.startswith("/api/")
+    if wants_json:
+        response: HttpResponse = JsonResponse(error_body(outage.code, outage.detail), status=503)
+    else:
+        title = "<!doctype html><title>Service unavailable</title><h1>Service unavailable</h1>"
+        page = f"{title}<p>{escape(outage.detail)}</p>"
+        response = HttpResponse(page, status=503, content_type="text/html; charset=utf-8")
+    response["Retry-After"] = str(outage.retry_after)
+    return _logged(response)
+
+
+class OutageMiddleware:
+    """An outage raised by any view (the admin's included) is a 503 with Retry-After, not a 500.
+
+    The API's views answer it themselves (`exception_handler`); this catches
+    the rest. An outage raised outside a view (a middleware saving the session)
+    reaches `server_error_view`, which answers the same.
+    """
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        return self.get_response(request)
+
+    def process_exception(self, request, exception):
+        outage = outage_of(exception)
+        if outage is None:
+            return None
+        _log_outage(outage, exception, f"{request.method} {request.path}")
+        return outage_response(outage, request)
+
+
 def exception_handler(exc: Exception, context: dict) -> Response | None:
+    outage = outage_of(exc)
+    if outage is not None:
+        set_rollback()
+        request = context.get("request")
+        _log_outage(outage, exc, f"{request.method} {request.path}" if request is not None else "API")
+        return _logged(
+            Response(
+                error_body(outage.code, outage.detail), status=503, headers={"Retry-After": str(outage.retry_after)}
+            )
+        )
     if isinstance(exc, ApplicationError):
         return Response(error_body(exc.code, exc.message, exc.fields), status=exc.http_status)
     if isinstance(exc, DjangoValidationError):
@@ -96,6 +254,15 @@ def not_found_view(request, exception=None):
 
 
 def server_error_view(request):
+    """500, or 503 with Retry-After when the error is an outage (`outage_of`) raised outside any view.
+
+    Django calls it while handling the exception, so ``sys.exc_info()`` holds it.
+    """
+    exc = sys.exc_info()[1]
+    outage = outage_of(exc) if exc is not None else None
+    if outage is not None:
+        _log_outage(outage, exc, f"{request.method} {request.path}")
+        return outage_response(outage, request)
     if request.path.startswith("/api/"):
         return JsonResponse(error_body("server_error", "The server failed; the error was logged."), status=500)
     return defaults.server_error(request)

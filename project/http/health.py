@@ -3,7 +3,10 @@
 `/healthz` answers 200 whenever this process can serve a request at all; it
 touches no database or broker, so an outage elsewhere never gets healthy web
 processes restarted. `/readyz` answers 200 only when every database alias
-and the broker answer, else 503 naming what failed: send traffic on it.
+answers and takes writes, the broker takes a message, and (embedded shape) the
+local disk has room, else 503 naming what failed and how ("read-only: …",
+"blocked: …", "disk full: …"): send traffic on it. Every probe is bounded in
+time, the broker's by BROKER_PUBLISH_TIMEOUT_SECONDS.
 
 `/readyz` also reports each service queue's consumers under "queues": a queue
 with messages waiting and no consumer, or (on the embedded broker, which can
@@ -14,6 +17,9 @@ while orders can still be taken and wait for the worker).
 """
 
 import logging
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,21 +30,127 @@ from django.http import JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
-from project import broker
+from project import broker, broker_publish
+from project.broker_publish import BrokerBlocked, BrokerUnavailable
 from project.celery import app
+from project.http.errors import outage_of
 
 logger = logging.getLogger(__name__)
 
 
+class NotReady(Exception):
+    """A probe's finding that is not an exception of its own: `state` names it ("read-only", "disk full")."""
+
+    def __init__(self, state: str, detail: str) -> None:
+        super().__init__(detail)
+        self.state = state
+
+
 def _check_database(alias: str) -> None:
-    with connections[alias].cursor() as cursor:
-        cursor.execute("SELECT 1")
-        cursor.fetchone()
+    check_database_connection(connections[alias])
+
+
+def check_database_connection(connection) -> None:
+    """Raise unless the database behind `connection` (a Django connection) answers and takes writes.
+
+    PostgreSQL: ``SHOW transaction_read_only`` is ``on`` on a standby (recovery)
+    and under ``default_transaction_read_only`` (what a managed failover or a
+    full-disk guard sets): NotReady("read-only"). SQLite: its file and folder
+    must be writable. A database that does not answer raises the driver's
+    error (Django's OperationalError: "unavailable" in `_failure`).
+    """
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("SHOW transaction_read_only")
+            (read_only,) = cursor.fetchone()
+            if read_only == "on":
+                raise NotReady("read-only", "the server accepts no writes (transaction_read_only is on)")
+        else:
+            cursor.execute("SELECT 1")
+            cursor.fetchone()
+    if connection.vendor == "sqlite":
+        name = str(connection.settings_dict["NAME"])
+        if name and ":memory:" not in name and not name.startswith("file:"):
+            for path in (name, os.path.dirname(name) or "."):
+                if os.path.exists(path) and not os.access(path, os.W_OK):
+                    raise NotReady("read-only", f"{path} is not writable")
 
 
 def _check_broker() -> None:
-    with app.connection_for_write() as connection:
-        connection.ensure_connection(max_retries=1, timeout=3)
+    """Raise BrokerBlocked / BrokerUnavailable unless the broker takes a message now (a bounded publish).
+
+    A connection alone is not enough: RabbitMQ accepts connections under a
+    resource alarm and blocks them only when they publish.
+    """
+    broker_publish.probe(app)
+
+
+def disk_folders() -> list[Path]:
+    """The folders the embedded shape writes: SQLite databases, the file broker, the file cache of the throttles."""
+    folders = []
+    for alias in connections:
+        if connections[alias].vendor == "sqlite":
+            name = str(connections[alias].settings_dict["NAME"])
+            if name and ":memory:" not in name and not name.startswith("file:"):
+                folders.append(Path(name).parent)
+    options = app.conf.broker_transport_options or {}
+    if "data_folder_in" in options:
+        folders.append(Path(options["data_folder_in"]))
+    throttle = settings.CACHES.get("throttle", {})
+    if throttle.get("BACKEND", "").endswith("FileBasedCache"):
+        folders.append(Path(throttle["LOCATION"]))
+    return list(dict.fromkeys(folders))
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_disk() -> None:
+    """Raise NotReady("disk full" / "disk nearly full") when a folder of `disk_folders` has too little room.
+
+    Two checks per filesystem: the free space against the setting (statvfs,
+    shutil.disk_usage), and a 4 KiB file written and removed, which a full
+    filesystem refuses whatever the threshold (what SQLite would meet writing
+    a page: "database or disk is full").
+    """
+    minimum = settings.DISK_FREE_MIN_MB * 2**20
+    checked = set()
+    for folder in disk_folders():
+        folder = _existing(folder)
+        device = folder.stat().st_dev
+        if device in checked:
+            continue
+        checked.add(device)
+        free = shutil.disk_usage(folder).free
+        if free < minimum:
+            raise NotReady(
+                "disk full" if free < 2**20 else "disk nearly full",
+                f"{free / 2**20:.1f} MB free at {folder} (DISK_FREE_MIN_MB is {settings.DISK_FREE_MIN_MB:g})",
+            )
+        try:
+            with tempfile.TemporaryFile(dir=folder, prefix=".readyz-") as probe:
+                probe.write(b"\0" * 4096)
+                probe.flush()
+        except OSError as exc:
+            state = "disk full" if outage_of(exc) is not None else "unavailable"
+            raise NotReady(state, f"cannot write in {folder}: {exc.strerror or exc}") from exc
+
+
+def _failure(exc: Exception) -> str:
+    """A failed check in words: "<state>: <why>"; states: unavailable, read-only, busy, disk full, disk nearly
+    full, blocked."""
+    if isinstance(exc, NotReady):
+        return f"{exc.state}: {exc}"
+    if isinstance(exc, BrokerBlocked):
+        return f"blocked: {exc.reason}"
+    if isinstance(exc, BrokerUnavailable):
+        return f"unavailable: {exc.reason}"
+    outage = outage_of(exc)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{outage.state if outage else 'unavailable'}: {type(exc).__name__}" + (f": {text}" if text else "")
 
 
 def _queue_state(waiting: int, consumers: int, taken: list[float] | None, stall_after: float) -> str:
@@ -62,40 +174,61 @@ def queue_states() -> dict[str, str]:
     CONSUMER_STALL_SECONDS (embedded broker: claim markers, project.broker.queue_consumers),
     or when messages wait and the broker counts no consumer (AMQP's queue.declare-ok
     consumer_count; RabbitMQ cannot tell a consumer that stopped taking messages).
+    On RabbitMQ the whole look, connecting and closing included, takes at most
+    BROKER_PUBLISH_TIMEOUT_SECONDS (project.broker_publish.bounded_connection).
     """
-    states = {}
     options = app.conf.broker_transport_options or {}
     claimed_root = Path(options["data_folder_in"]).parent / "claimed" if "data_folder_in" in options else None
-    with app.connection_for_write() as connection:
-        connection.ensure_connection(max_retries=1, timeout=3)
-        for queue in settings.SERVICE_QUEUES:
-            # A channel per queue: on AMQP a passive declare of a missing queue closes its channel.
-            try:
-                with connection.channel() as channel:
-                    _, waiting, consumers = channel.queue_declare(queue=queue, passive=True)
-            except NotFound:
-                states[queue] = "idle"  # never declared: no worker has consumed it, nothing was sent to it
-                continue
-            except Exception as exc:  # reported like any other failure
-                states[queue] = f"error: {type(exc).__name__}"
-                continue
-            taken = broker.queue_consumers(claimed_root, queue) if claimed_root else None
-            states[queue] = _queue_state(waiting, consumers, taken, settings.CONSUMER_STALL_SECONDS)
+    connection = app.connection_for_write()
+    if claimed_root is not None:  # the embedded broker: files, nothing to wait on
+        with connection:
+            return _queue_states_on(connection, claimed_root)
+    deadline = time.monotonic() + settings.BROKER_PUBLISH_TIMEOUT_SECONDS
+    with broker_publish.bounded_connection(connection, deadline):
+        states = _queue_states_on(connection, None)
+        connection.release()  # the closing handshake, bounded too
+    return states
+
+
+def _queue_states_on(connection, claimed_root: Path | None) -> dict[str, str]:
+    states = {}
+    connection.ensure_connection(max_retries=0)
+    for queue in settings.SERVICE_QUEUES:
+        # A channel per queue: on AMQP a passive declare of a missing queue closes its channel.
+        try:
+            with connection.channel() as channel:
+                _, waiting, consumers = channel.queue_declare(queue=queue, passive=True)
+        except NotFound:
+            states[queue] = "idle"  # never declared: no worker has consumed it, nothing was sent to it
+            continue
+        except Exception as exc:  # reported like any other failure
+            if isinstance(exc, TimeoutError | OSError):
+                raise  # the connection is gone: the caller drops it
+            states[queue] = f"error: {type(exc).__name__}"
+            continue
+        taken = broker.queue_consumers(claimed_root, queue) if claimed_root else None
+        states[queue] = _queue_state(waiting, consumers, taken, settings.CONSUMER_STALL_SECONDS)
     return states
 
 
 def readiness_checks() -> dict[str, str]:
-    """{"database:<alias>": "ok" | "error: <type>", …, "broker": …} for every alias and the broker."""
+    """{"database:<alias>": …, "broker": …, "disk": …}: "ok" or "<state>: <why>" (`_failure`).
+
+    "disk" only where something is written to local folders (`disk_folders`).
+    Every probe is bounded: the broker's by BROKER_PUBLISH_TIMEOUT_SECONDS.
+    """
     checks = {}
     probes = {f"database:{alias}": (lambda a=alias: _check_database(a)) for alias in connections}
     probes["broker"] = _check_broker
+    if disk_folders():
+        probes["disk"] = _check_disk
     for name, probe in probes.items():
         try:
             probe()
             checks[name] = "ok"
         except Exception as exc:  # any failure means "not ready", with the reason
-            logger.warning("readiness check %s failed: %s", name, exc)
-            checks[name] = f"error: {type(exc).__name__}"
+            checks[name] = _failure(exc)
+            logger.warning("readiness check %s failed: %s", name, checks[name])
     return checks
 
 

@@ -19,7 +19,8 @@ class ErrorSerializer(serializers.Serializer):
             "What went wrong, for programs: `invalid`, `parse_error`, `not_authenticated`, "
             "`authentication_failed`, `invalid_credentials`, `permission_denied`, `not_found`, `method_not_allowed`, "
             "`conflict`, "
-            "`insufficient_stock`, `request_too_large`, `unsupported_media_type`, `throttled`, ..."
+            "`insufficient_stock`, `request_too_large`, `unsupported_media_type`, `throttled`, "
+            "`database_unavailable`, `database_read_only`, `database_busy`, `disk_full`, `broker_unavailable`, ..."
         )
     )
     detail = serializers.CharField(help_text="What went wrong, for people.")
@@ -67,6 +68,29 @@ def id_parameter(name: str, what: str) -> OpenApiParameter:
         # What Swagger UI fills in: the first demo product (`seed_demo`), the first order placed.
         examples=[OpenApiExample("first", value=1)],
     )
+
+
+def document_outages(result, generator, request, public):
+    """Every operation can answer 503 with Retry-After (project.http.errors.outage_of): say so once, here."""
+    for methods in result.get("paths", {}).values():
+        for operation in methods.values():
+            operation.setdefault("responses", {})["503"] = {
+                "description": (
+                    "A failure that retrying outlasts: the database unavailable (`database_unavailable`), "
+                    "read-only (`database_read_only`) or busy (`database_busy`), the disk full (`disk_full`), "
+                    "the broker unavailable where the request needs it (`broker_unavailable`). "
+                    "Retry after `Retry-After` seconds (an order with the same `Idempotency-Key`: a failure "
+                    "while committing leaves it unknown whether the first attempt was written)."
+                ),
+                "headers": {
+                    "Retry-After": {
+                        "schema": {"type": "integer", "minimum": 1},
+                        "description": "Seconds to wait before trying again.",
+                    }
+                },
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            }
+    return result
 
 
 def one_path_per_endpoint(endpoints, **kwargs):

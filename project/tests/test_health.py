@@ -25,6 +25,11 @@ def all_databases_ok() -> dict[str, str]:
     return {f"database:{alias}": "ok" for alias in connections}
 
 
+def disk_ok() -> dict[str, str]:
+    """The "disk" check, where the processes write local folders (the embedded shape, the throttle's file cache)."""
+    return {"disk": "ok"} if health.disk_folders() else {}
+
+
 # --- /healthz: liveness ---------------------------------------------------------
 
 
@@ -59,7 +64,7 @@ def test_ready_on_the_configured_databases_and_broker(client):
     assert response.status_code == 200, response.content
     body = response.json()
     queues = body.pop("queues")
-    assert body == {"status": "ok", "checks": {**all_databases_ok(), "broker": "ok"}}
+    assert body == {"status": "ok", "checks": {**all_databases_ok(), "broker": "ok", **disk_ok()}}
     # Reported, not judged here: earlier tests may have left messages behind.
     assert set(queues) == set(settings.SERVICE_QUEUES)
     assert all(state in ("ok", "idle") or state.startswith("stalled: ") for state in queues.values()), queues
@@ -89,7 +94,8 @@ def test_unreachable_broker_is_503(client, monkeypatch):
     assert response.status_code == 503
     body = response.json()
     assert body["status"] == "unavailable"
-    assert body["checks"]["broker"].startswith("error: ")
+    assert body["checks"]["broker"].startswith("unavailable: "), body
+    assert "Connection refused" in body["checks"]["broker"]
     assert body["checks"]["database:default"] == "ok"
     # Liveness does not care.
     assert client.get(HEALTHZ).status_code == 200
@@ -103,7 +109,7 @@ def test_broker_error_maps_to_503(client):
     assert response.status_code == 503
     assert response.json() == {
         "status": "unavailable",
-        "checks": {**all_databases_ok(), "broker": "error: OperationalError"},
+        "checks": {**all_databases_ok(), "broker": "unavailable: OperationalError: down", **disk_ok()},
     }
 
 
@@ -116,7 +122,7 @@ def test_database_error_maps_to_503(client):
 
     assert response.status_code == 503
     body = response.json()
-    assert body["checks"]["database:default"] == "error: OperationalError"
+    assert body["checks"]["database:default"] == "unavailable: OperationalError: gone"
     assert body["checks"]["broker"] == "ok"
 
 
@@ -133,7 +139,7 @@ def test_one_failing_service_database_is_named(client):
 
     last = list(connections)[-1]
     assert body["status"] == "unavailable"
-    assert body["checks"][f"database:{last}"].startswith("error: ")
+    assert body["checks"][f"database:{last}"] == "unavailable: RuntimeError: gone"
     assert all(value == "ok" for name, value in body["checks"].items() if name != f"database:{last}")
 
 
