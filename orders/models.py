@@ -127,6 +127,10 @@ class SweepLease(models.Model):
 
     id = models.PositiveSmallIntegerField(primary_key=True, default=1)
     started_at = models.DateTimeField(null=True)
+    # The orders the last sweep found quiet and held by nothing: re-sent only if the next
+    # sweep finds them so again (a message moving between a queue and a worker, or between
+    # two of inspect's questions, is missed by one look, not by two).
+    suspects = models.JSONField(default=list)
 
     def __str__(self) -> str:
         return f"saga sweep lease (last started {self.started_at})"

@@ -348,8 +348,9 @@ def saga_sweep(*, in_flight: Callable[[], set[int] | None] = held_order_ids) -> 
     * ``redispatched`` / ``recompensated``: a pending (cancelling) order that
       showed no progress for SAGA_TIMEOUT_SECONDS has its saga (compensation)
       published again only if no queue and no worker can hold it
-      (project.saga.inflight.held_order_ids); ``deferred`` counts the ones
-      left for a later sweep because that could not be known.
+      (project.saga.inflight.held_order_ids) in two sweeps in a row;
+      ``deferred`` counts the ones left for a later sweep because that could
+      not be known, or was seen once so far.
 
     A sweep that finds another started within half an interval does nothing
     (``skipped``). `in_flight` answers what the broker and workers hold
@@ -379,16 +380,23 @@ def saga_sweep(*, in_flight: Callable[[], set[int] | None] = held_order_ids) -> 
     stale = list(orders.filter(status=CANCELLING, updated_at__lt=cutoff).values_list("pk", flat=True)[:SWEEP_BATCH])
     if quiet or stale:
         held = in_flight()
+        lease = SweepLease.objects.using(_db()).filter(pk=1)
         if held is None:
             counts["deferred"] = len(quiet) + len(stale)
+            lease.update(suspects=[])
         else:
+            suspected = set(lease.values_list("suspects", flat=True).first() or [])
+            lost = {order_id for order_id in (*quiet, *stale) if order_id not in held}
+            # Seen lost once: the next sweep must agree. The ones re-sent now start afresh.
+            lease.update(suspects=sorted(lost - suspected))
+            counts["deferred"] = len(lost - suspected)
             for order_id in quiet:
-                if order_id not in held:
+                if order_id in lost & suspected:
                     counts["redispatched"] += order_redispatch(order_id=order_id, dispatched_before=cutoff)
             for order_id in stale:
-                if order_id not in held and orders.filter(pk=order_id, status=CANCELLING, updated_at__lt=cutoff).update(
-                    updated_at=Now()
-                ):
+                if order_id in lost & suspected and orders.filter(
+                    pk=order_id, status=CANCELLING, updated_at__lt=cutoff
+                ).update(updated_at=Now()):
                     counts["recompensated"] += order_compensate(order_id=order_id)
     if any(counts[kind] for kind in ("published", "expired", "redispatched", "recompensated")):
         logger.warning("saga sweep: %s", counts)

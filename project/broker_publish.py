@@ -2,7 +2,7 @@
 
 Celery publishes every message through one function,
 ``app.amqp.send_task_message``: a task sent from the web on commit, a chain's
-next step, a retry (``Task.retry``), an error callback, beat's sweep, a product
+next step, a retry (``Task.retry``), an error callback or a compensation, beat's sweep, a product
 event. `AMQP` (installed as the app's ``amqp`` class in project/celery.py) wraps
 it in `bounded_publish`, so every one of them either completes within
 BROKER_PUBLISH_TIMEOUT_SECONDS or raises `BrokerUnavailable` — a kombu

@@ -10,7 +10,7 @@ from django.db import connections
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 
-# Every publish (a task from the web, a chain's next step, a retry, an error callback, beat's
+# Every publish (a task from the web, a chain's next step, a retry, a compensation, beat's
 # sweep, an event) goes through project.broker_publish, which bounds it in time.
 app = Celery("orderflow", amqp="project.broker_publish:AMQP", events="project.broker_publish:Events")
 app.config_from_object("django.conf:settings", namespace="CELERY")

@@ -250,3 +250,20 @@ def refuse_to_start(process: str, *, write: Callable[[str], Any] = sys.stderr.wr
             lines.append(f"    HINT: {error.hint}")
     write("\n".join(lines) + "\n")
     raise SystemExit(1)
+
+
+@register(TAG)
+def check_lock_timeout(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """orderflow.E013: a lock wait ends (PostgreSQL's lock_timeout) before the soft time limit could not end it."""
+    lock, soft = settings.DATABASE_LOCK_TIMEOUT_SECONDS, settings.CELERY_TASK_SOFT_TIME_LIMIT
+    if not soft or 0 < lock < soft:  # no soft limit: orderflow.E001 says so
+        return []
+    return [
+        _error(
+            13,
+            f"DATABASE_LOCK_TIMEOUT_SECONDS ({lock}) must be more than 0 and less than CELERY_TASK_SOFT_TIME_LIMIT "
+            f"({soft}): Celery's soft limit cannot interrupt a step waiting for a row lock inside libpq, so only "
+            "PostgreSQL's lock_timeout turns that wait into an error the step retries with backoff.",
+            "Set e.g. DATABASE_LOCK_TIMEOUT_SECONDS=20 with CELERY_TASK_SOFT_TIME_LIMIT=60",
+        )
+    ]

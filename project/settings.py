@@ -133,6 +133,12 @@ TEMPLATES = [
 # services name their alias through project.db.
 
 
+# How long a statement waits for a row lock before PostgreSQL cancels it (SQLSTATE 55P03, which
+# saga steps retry with backoff): below CELERY_TASK_SOFT_TIME_LIMIT, because Celery's soft limit
+# cannot interrupt a wait inside libpq, and a step blocked until its hard limit is killed.
+DATABASE_LOCK_TIMEOUT_SECONDS = env.float("DATABASE_LOCK_TIMEOUT_SECONDS", default=20.0)
+
+
 def _database(url: str, name: str) -> dict:
     config = env.db_url_config(url)
     if not config.get("ENGINE"):
@@ -150,6 +156,11 @@ def _database(url: str, name: str) -> dict:
         }
         # Worker subprocesses share the test database, so it must be a file.
         config["TEST"] = {"NAME": str(VAR_DIR / f"test_{name}.sqlite3")}
+    elif "postgresql" in config["ENGINE"]:
+        # libpq's startup options (https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-CONNECT-OPTIONS).
+        options = config.setdefault("OPTIONS", {})
+        lock_timeout = f"-c lock_timeout={round(DATABASE_LOCK_TIMEOUT_SECONDS * 1000)}"
+        options["options"] = f"{options['options']} {lock_timeout}" if options.get("options") else lock_timeout
     return config
 
 
@@ -306,7 +317,7 @@ COMPENSATION_TASKS = {
     "reports.sale_revert": "reports",
     "inventory.stock_release": "inventory",
 }
-# Every publish (the web's on commit, a worker's next step, retry or error callback, beat's
+# Every publish (the web's on commit, a worker's next step, retry or compensation, beat's
 # sweep, a product event) completes within this or fails as "broker unavailable"
 # (project/broker_publish.py: connecting, declaring, writing and the publisher confirm together).
 # After such a failure, or a RabbitMQ resource alarm (connection.blocked), each process fails

@@ -141,6 +141,8 @@ def test_environment() -> dict[str, str]:
         # Only matter where a test runs beat (the sweeper).
         "SAGA_TIMEOUT_SECONDS": str(SWEEP_TIMEOUT_SECONDS),
         "SAGA_SWEEP_INTERVAL_SECONDS": "1",
+        # A row lock held by a test ends a step's wait quickly (PostgreSQL's lock_timeout).
+        "DATABASE_LOCK_TIMEOUT_SECONDS": "1",
         # The sweeper looks after 6 s while a step may run 90 s (a fault's 30 s sleep): on
         # purpose here, so the workers' start-up check of it is off (project/checks.py).
         "SILENCED_SYSTEM_CHECKS": "orderflow.E006",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, connection, connections
+from django.db import InterfaceError, OperationalError, connection, connections, transaction
 
 from inventory.models import Product
 from ops.audit import audit
@@ -241,6 +241,40 @@ def test_a_step_blocked_past_its_time_limit_runs_again(
 
     assert wait_terminal([order_id]) == {order_id: "confirmed"}
     assert logged in workers.log("inventory")
+    assert Product.objects.get(pk=product.pk).stock == 2
+    assert_consistent()
+
+
+@pytest.mark.skipif(not ON_POSTGRES, reason="row locks: PostgreSQL only (SQLite serializes writers instead)")
+def test_a_step_waiting_on_a_row_lock_retries_instead_of_blocking_until_killed(workers, user, make_product):
+    """lock_timeout ends the wait (SQLSTATE 55P03, retried with backoff): the soft limit could not interrupt libpq."""
+    product = make_product(stock=3)
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_row():
+        try:
+            with transaction.atomic():
+                Product.objects.select_for_update().get(pk=product.pk)
+                locked.set()
+                release.wait(30)
+        finally:
+            connections.close_all()
+
+    holder = threading.Thread(target=hold_the_row, daemon=True)
+    holder.start()
+    assert locked.wait(10)
+    try:
+        order_id = place(user, [(product, 1)])
+        wait_for(
+            lambda: re.search(rf"inventory\.stock_reserve for order {order_id} hit OperationalError: "
+                              r"canceling statement due to lock timeout", workers.log("inventory")),
+            timeout=30, what="the lock wait to end in a retry",
+        )  # fmt: skip
+    finally:
+        release.set()
+        holder.join(10)
+
+    assert wait_terminal([order_id]) == {order_id: "confirmed"}
     assert Product.objects.get(pk=product.pk).stock == 2
     assert_consistent()
 

@@ -220,3 +220,23 @@ def test_a_celery_process_refuses_to_start_naming_the_settings(tmp_path, command
     assert f"celery {command[0]} not started" in output
     assert "orderflow.E006: SAGA_TIMEOUT_SECONDS (60) must be more than CELERY_TASK_TIME_LIMIT (90)" in output
     assert "ready." not in output  # the worker never came up
+
+
+@pytest.mark.parametrize("lock", [0, 60, 120])
+def test_e013_lock_timeout_below_the_soft_limit(settings, lock):
+
+    settings.CELERY_TASK_SOFT_TIME_LIMIT = 60
+    settings.DATABASE_LOCK_TIMEOUT_SECONDS = lock
+
+    (error,) = checks.check_lock_timeout()
+
+    assert error.id == "orderflow.E013"
+    assert "DATABASE_LOCK_TIMEOUT_SECONDS" in error.msg
+
+
+def test_e013_passes_below_the_soft_limit(settings):
+
+    settings.CELERY_TASK_SOFT_TIME_LIMIT = 60
+    settings.DATABASE_LOCK_TIMEOUT_SECONDS = 20
+
+    assert checks.check_lock_timeout() == []
