@@ -42,7 +42,9 @@ blocked or frozen broker at most once per interval per process, and the others
 answer at once. Before the first timeout tells, a burst of publishes to a broker
 that just froze would each wait the bound: at most WAITING_PUBLISHES of a
 process wait on one broker at a time, and a publish that finds them all busy
-for SLOT_WAIT_SECONDS fails at once, so a web process's other threads stay free
+waits for a slot only while none of them has waited STUCK_AFTER_SECONDS (a
+healthy broker under a burst frees slots in milliseconds; a stuck one fails the
+others at once), so a web process's other threads stay free
 for the requests that need no broker (health checks, reads). A healthy broker
 confirms in milliseconds and never keeps a publish waiting for a slot that
 long. Whether a publish that timed out reached the broker is unknown:
@@ -78,8 +80,10 @@ RETRY_INTERVAL_SECONDS = 2.0
 #: At most this many publishes of a process wait on one broker at a time (a bulkhead:
 #: a web process's threads are not all taken by a broker that stopped answering) ...
 WAITING_PUBLISHES = 2
-#: ... and a publish that finds every slot busy this long fails at once (seconds).
-SLOT_WAIT_SECONDS = 0.05
+#: ... and a publish that finds every slot busy waits for one (a healthy broker under a
+#: burst frees them in milliseconds), but fails at once when the longest-waiting
+#: publish has waited this long: the broker looks stuck (seconds).
+STUCK_AFTER_SECONDS = 0.25
 
 #: The routing key of `probe`'s message: no queue is bound to it, so RabbitMQ
 #: drops the message (and confirms it) at once.
@@ -112,11 +116,31 @@ class _Outage:
     def __init__(self, broker: str) -> None:
         self.broker = broker
         self.slots = threading.BoundedSemaphore(WAITING_PUBLISHES)
+        self._waiting_since: dict[int, float] = {}  # thread id -> when its publish took a slot
         self._lock = threading.Condition()
         self.reason: str | None = None  # None: publishing works, as far as this process knows
         self.blocked = False
         self._retry_at = 0.0
         self._trial = False
+
+    def take_slot(self, deadline: float) -> None:
+        """Wait for a publishing slot until `deadline` (monotonic s); BrokerUnavailable once the broker looks stuck.
+
+        A publish that has held its slot for STUCK_AFTER_SECONDS says the broker
+        stopped answering: the others fail at once rather than wait behind it.
+        """
+        while not self.slots.acquire(timeout=0.01):
+            with self._lock:
+                oldest = min(self._waiting_since.values(), default=monotonic())
+            if monotonic() - oldest > STUCK_AFTER_SECONDS or monotonic() > deadline:
+                raise BrokerUnavailable(f"{WAITING_PUBLISHES} publishes already waiting on the broker")
+        with self._lock:
+            self._waiting_since[threading.get_ident()] = monotonic()
+
+    def free_slot(self) -> None:
+        with self._lock:
+            self._waiting_since.pop(threading.get_ident(), None)
+        self.slots.release()
 
     def admit(self, wait_for_trial: float = 0.0) -> bool:
         """Let a publish go ahead (True if it is the outage's trial), or raise BrokerUnavailable at once.
@@ -412,12 +436,11 @@ def bounded_publish(
     trial = outage.admit(wait_for_trial)
     try:
         if connection is not None and _is_network(connection):
-            if not outage.slots.acquire(timeout=SLOT_WAIT_SECONDS):
-                raise BrokerUnavailable(f"{WAITING_PUBLISHES} publishes already waiting on the broker")
+            outage.take_slot(monotonic() + settings.BROKER_PUBLISH_TIMEOUT_SECONDS)
             try:
                 result = _publish_network(producer, connection, publish, outage)
             finally:
-                outage.slots.release()
+                outage.free_slot()
             outage.ok()
             return result
         # The embedded file broker: no socket to wait on; a full disk raises at once.
