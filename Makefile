@@ -45,7 +45,7 @@ help:
 	@echo "make test       install the dev tools, then run the test suite (PYTEST_ARGS=... passes options to pytest)"
 	@echo "make docs       install the docs tools, then build the site into site/ (mkdocs build --strict)"
 	@echo "make bench      the benchmark (bench/): ARGS=\"--orders 200 --spawn --baseline\" passes options to bench_orders"
-	@echo "make browser-deps  apt-get install Debian's chromium + chromium-driver for tests/browser (as root)"
+	@echo "make browser-deps  apt-get install Debian's chromium + chromium-driver (tests/browser) and faketime (a drill) as root"
 	@echo "make lint       ruff check + ruff format --check + lint-imports (service boundaries, .importlinter)"
 	@echo "make format     ruff check --fix + ruff format"
 	@echo "make migrate    create the PostgreSQL database(s) if missing, migrate every database alias"
@@ -269,14 +269,14 @@ bench: install-bench
 # The browser tests (tests/browser/, skipped without it) drive Debian's Chromium
 # through Playwright, which never downloads a browser of its own.
 browser-deps:
-	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then \
-		echo "browser-deps: $$(/usr/bin/chromium --version 2>/dev/null) and chromedriver are installed"; \
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] && [ -x /usr/bin/faketime ]; then \
+		echo "browser-deps: $$(/usr/bin/chromium --version 2>/dev/null), chromedriver and faketime are installed"; \
 	elif [ "$$(id -u)" = 0 ]; then \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver faketime; \
 	else \
-		echo "browser-deps: not root; install Debian's chromium and chromium-driver packages:"; \
-		echo "    sudo apt-get update && sudo apt-get install -y chromium chromium-driver"; \
-		echo "browser-deps: until then the browser tests are skipped"; \
+		echo "browser-deps: not root; install Debian's chromium, chromium-driver and faketime packages:"; \
+		echo "    sudo apt-get update && sudo apt-get install -y chromium chromium-driver faketime"; \
+		echo "browser-deps: until then the browser tests and the clock-skew drill are skipped"; \
 	fi
 
 lint: install-dev

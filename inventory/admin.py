@@ -21,7 +21,7 @@ from project.http.errors import ApplicationError
 
 from . import selectors, services
 from .exceptions import StockRefused
-from .models import OrderReservation, Product, StockReservation
+from .models import STOCK_MAX, OrderReservation, Product, StockReservation
 
 # What product_update may change; stock goes through stock_adjust.
 EDITABLE_FIELDS = ("sku", "name", "price", "active")
@@ -79,10 +79,13 @@ class ProductChangeForm(_ServiceForm):
         label="Add/remove stock",
         required=False,
         initial=0,
+        # The API's bounds (inventory.serializers); the sum is stock_adjust's to check.
+        min_value=-STOCK_MAX,
+        max_value=STOCK_MAX,
         help_text=(
             "Units to add to the current stock (e.g. 10), or to remove from it with a minus sign (e.g. -3). "
             "Applied to the stock as it is when you save, so concurrent orders are not overwritten; "
-            "stock can never go below zero."
+            f"stock can never go below zero, nor above {STOCK_MAX} units with those held by orders."
         ),
     )
 

@@ -140,7 +140,9 @@ class ProductDetailApi(APIView):
                 _400="Bad fields, a field it does not take (`stock`: use `stock_delta`), or a taken `sku`. "
                 "Nothing was written.",
                 _403=NOT_STAFF,
-                _409="`stock_delta` would take the stock below 0 (`insufficient_stock`). Nothing was written.",
+                _409="`stock_delta` would take the stock below 0 (`insufficient_stock`), or past 2147483647 units "
+                "with those held by orders (`stock_limit_exceeded`, naming `stock_delta` in `fields`). "
+                "Nothing was written.",
             ),
         },
     )

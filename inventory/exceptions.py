@@ -65,3 +65,22 @@ class StockRefused(ApplicationError):
     def shortfalls(self) -> list[str]:
         """The refusal line by line, as text."""
         return [refusal_sentence(item) for item in self.refusal] or [self.message]
+
+
+class StockLimitExceeded(ApplicationError):
+    """A stock change within its own range whose result would not be: more than STOCK_MAX units in all.
+
+    A state conflict (409): the same delta fits another product, or this one
+    once stock is sold. `fields` names `stock_delta`, the input that asked for it.
+    """
+
+    code = "stock_limit_exceeded"
+    http_status = 409
+
+    def __init__(self, *, product_id: int, delta: int, stock: int, held: int, limit: int) -> None:
+        room = max(0, limit - stock - held)
+        message = (
+            f"Adding {delta} units would give product {product_id} more than {limit} units "
+            f"({stock} in stock, {held} held by orders): at most {room} more can be added."
+        )
+        super().__init__(message, fields={"stock_delta": [message]})

@@ -1,15 +1,12 @@
 """The products list's query parameters: search, filters and ordering (django-filter)."""
 
-from decimal import Decimal
-
 import django_filters
 from django import forms
 from django.db.models import Q, QuerySet
 
-from .models import Product
+from project.lines import MAX_PRICE
 
-MAX_STOCK = 2**31 - 1  # beyond any stock, inside every database's integer
-MAX_PRICE = Decimal("9999999999.99")
+from .models import STOCK_MAX, Product
 
 
 class IntegerFilter(django_filters.NumberFilter):
@@ -23,10 +20,10 @@ class ProductFilter(django_filters.FilterSet):
     sku = django_filters.CharFilter(lookup_expr="iexact", max_length=64, help_text="The product with this sku.")
     active = django_filters.BooleanFilter(help_text="`true`: on sale only; `false`: withdrawn only.")
     stock_min = IntegerFilter(
-        field_name="stock", lookup_expr="gte", min_value=0, max_value=MAX_STOCK, help_text="At least this in stock."
+        field_name="stock", lookup_expr="gte", min_value=0, max_value=STOCK_MAX, help_text="At least this in stock."
     )
     stock_max = IntegerFilter(
-        field_name="stock", lookup_expr="lte", min_value=0, max_value=MAX_STOCK, help_text="At most this in stock."
+        field_name="stock", lookup_expr="lte", min_value=0, max_value=STOCK_MAX, help_text="At most this in stock."
     )
     price_min = django_filters.NumberFilter(
         field_name="price",

@@ -1,18 +1,33 @@
 """Inventory owns products, their stock, and what each order holds of it."""
 
+from decimal import Decimal
+
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
+
+from project.lines import MAX_PRICE
+
+# The most units a product may count, on hand and held by reservations together:
+# the stock column's range (PostgreSQL `integer`, 32-bit; SQLite's 64-bit
+# column keeps the same bound). Held units come back to the stock on release,
+# so stock_adjust refuses a change that would pass it counting them too.
+STOCK_MAX = 2**31 - 1
 
 
 class Product(models.Model):
     sku = models.CharField(max_length=64, unique=True)
     name = models.CharField(max_length=200)
-    price = models.DecimalField(max_digits=12, decimal_places=2)
-    stock = models.PositiveIntegerField(default=0)
+    # numeric(12, 2): 0 to MAX_PRICE, the bound of every price column (project.lines).
+    price = models.DecimalField(
+        max_digits=12, decimal_places=2, validators=[MinValueValidator(Decimal("0")), MaxValueValidator(MAX_PRICE)]
+    )
+    stock = models.PositiveIntegerField(default=0, validators=[MaxValueValidator(STOCK_MAX)])
     active = models.BooleanField(default=True)
     # Bumped on every change that reports must hear about, so a late event
     # never overwrites a newer one (events may be delivered out of order).
-    version = models.PositiveIntegerField(default=1)
+    # 64-bit: one more per change, so a product changed every second for centuries still counts.
+    version = models.PositiveBigIntegerField(default=1)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

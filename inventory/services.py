@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Sum
 from django.utils import timezone
 
 from project.celery import app
@@ -27,12 +27,13 @@ from .exceptions import (
     INACTIVE_PRODUCT,
     INSUFFICIENT_STOCK,
     UNKNOWN_PRODUCT,
+    StockLimitExceeded,
     StockRefused,
     UnknownProduct,
     refusal_item,
     refusal_text,
 )
-from .models import OrderReservation, Product, StockReservation
+from .models import STOCK_MAX, OrderReservation, Product, StockReservation
 
 logger = logging.getLogger(__name__)
 
@@ -90,17 +91,41 @@ def product_update(*, product_id: int, **changes: Any) -> Product:
 
 
 def stock_adjust(*, product_id: int, delta: int) -> Product:
-    """Add (or with a negative delta, remove) stock; never below zero."""
+    """Add `delta` units to the product's stock (negative: remove them); returns the product.
+
+    Never below zero, and never more than STOCK_MAX units on hand and held by
+    reservations together: held units come back on release, which must not
+    overflow the column (docs/design.md "Numeric ranges"). The product row is
+    locked first, so the units held are counted with no reserve or release
+    between the check and the write.
+
+    Raises UnknownProduct; StockRefused (409 `insufficient_stock`) when fewer
+    than -delta units are in stock; StockLimitExceeded (409, naming
+    `stock_delta`) when stock + held + delta would pass STOCK_MAX. Nothing is
+    written then.
+    """
     with transaction.atomic(using=_db()):
-        rows = Product.objects.using(_db()).filter(pk=product_id, stock__gte=max(0, -delta))
-        if not rows.update(stock=F("stock") + delta):
-            if not Product.objects.using(_db()).filter(pk=product_id).exists():
-                raise UnknownProduct(f"unknown product {product_id}")
+        product = Product.objects.using(_db()).select_for_update().filter(pk=product_id).first()
+        if product is None:
+            raise UnknownProduct(f"unknown product {product_id}")
+        if product.stock + delta < 0:
             raise StockRefused(
                 [refusal_item(product_id, INSUFFICIENT_STOCK, wanted=-delta)],
                 text=f"cannot remove {-delta} units of product {product_id}: not in stock",
             )
+        if delta > 0:
+            held = _held_units(product_id)
+            if product.stock + held + delta > STOCK_MAX:
+                raise StockLimitExceeded(
+                    product_id=product_id, delta=delta, stock=product.stock, held=held, limit=STOCK_MAX
+                )
+        Product.objects.using(_db()).filter(pk=product_id).update(stock=F("stock") + delta)
     return Product.objects.using(_db()).get(pk=product_id)
+
+
+def _held_units(product_id: int) -> int:
+    held = StockReservation.objects.using(_db()).filter(product_id=product_id, released_at=None)
+    return held.aggregate(units=Sum("quantity"))["units"] or 0
 
 
 # --- the saga step and its undo ------------------------------------------------

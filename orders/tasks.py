@@ -1,10 +1,14 @@
 """Orders' broker endpoints: confirm, compensate, delete, and the sweeper."""
 
+import logging
+
 from celery import shared_task
 
-from project.saga import SagaStep, order_id_arg
+from project.saga import SagaStep, describe, is_transient, order_id_arg
 
 from . import services
+
+logger = logging.getLogger(__name__)
 
 
 class OrdersStep(SagaStep):
@@ -39,7 +43,14 @@ def order_delete(self, order_id, **saga):
 
 @shared_task(name="orders.saga_sweep", ignore_result=True)
 def saga_sweep():
-    return services.saga_sweep()
+    """One sweep (orders.services.saga_sweep); while the database or broker is away, one line and the next sweep."""
+    try:
+        return services.saga_sweep()
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        logger.warning("saga sweep skipped: %s", describe(exc))
+        return None
 
 
 __all__ = ["order_compensate", "order_confirm", "order_delete", "order_id_arg", "saga_sweep"]

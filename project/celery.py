@@ -4,7 +4,7 @@ import os
 import time
 
 from celery import Celery
-from celery.signals import celeryd_after_setup, task_postrun, task_prerun
+from celery.signals import beat_init, celeryd_after_setup, task_postrun, task_prerun, worker_init
 from django.conf import settings
 from django.db import connections
 
@@ -63,3 +63,21 @@ def _consume_compensation_queues(sender=None, instance=None, **kwargs):
     for service, compensation in settings.COMPENSATION_QUEUES.items():
         if service in queues.consume_from and compensation not in queues.consume_from:
             queues.select_add(compensation)
+
+
+# Celery runs Django's system checks when a worker starts, but goes on whatever
+# they find: settings that contradict each other (a time limit past RabbitMQ's
+# consumer_timeout kills the worker later, with PRECONDITION_FAILED) stop it here
+# instead, with the message `manage.py check` gives (project/checks.py).
+@worker_init.connect
+def _check_settings_at_worker_start(sender=None, **kwargs):
+    from project.checks import refuse_to_start
+
+    refuse_to_start("celery worker")
+
+
+@beat_init.connect
+def _check_settings_at_beat_start(sender=None, **kwargs):
+    from project.checks import refuse_to_start
+
+    refuse_to_start("celery beat")

@@ -15,6 +15,7 @@ messages), and `problem`, one line for a log or a saga step's failure reason.
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
@@ -24,6 +25,10 @@ from django.conf import settings
 MAX_ID = 2**63 - 1
 # The quantity columns are PositiveIntegerField: 32-bit on every database Django supports.
 MAX_QUANTITY = 2**31 - 1
+# Every price column is numeric(12, 2) (inventory's Product.price, orders' OrderLine.unit_price):
+# a price is 0 to MAX_PRICE, to the cent. What a line can add to a sales total follows from
+# these two (docs/design.md "Numeric ranges").
+MAX_PRICE = Decimal("9999999999.99")
 
 
 class NotPositiveInt(ValueError):

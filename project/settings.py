@@ -72,7 +72,7 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("DATA_UPLOAD_MAX_MEMORY_SIZE", default=64 
 # --- Applications and HTTP -----------------------------------------------------
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    "project.apps.AdminConfig",  # django.contrib.admin with the project's site (project/admin.py)
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -365,6 +365,15 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_SOFT_TIME_LIMIT = env.int("CELERY_TASK_SOFT_TIME_LIMIT", default=60)
 CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT", default=90)
+# What RabbitMQ is configured with as `consumer_timeout` (its default: 30 min), in
+# seconds; 0 when it enforces none. A consumer that holds a delivery unacknowledged
+# longer is closed with PRECONDITION_FAILED, and the worker with it: a running task
+# (acks_late) and a retry's countdown are both held so. The checks of project/checks.py
+# keep the time limit and the backoff ceiling below it (AMQP brokers only).
+BROKER_CONSUMER_TIMEOUT_SECONDS = env.int("BROKER_CONSUMER_TIMEOUT_SECONDS", default=1800)
+# System checks to skip, by id (Django's setting): e.g. orderflow.E006 where a test's
+# sweeper looks sooner than a task may run, on purpose (docs/operations.md).
+SILENCED_SYSTEM_CHECKS = env.list("SILENCED_SYSTEM_CHECKS", default=[])
 CELERY_WORKER_PREFETCH_MULTIPLIER = env.int("CELERY_WORKER_PREFETCH_MULTIPLIER", default=4)
 # How long a worker waits for a result from a pool process that died before
 # declaring the job lost (and redelivering it).

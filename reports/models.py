@@ -5,13 +5,21 @@ from django.db.models import Q
 
 
 class ProductReport(models.Model):
+    """One product's sales totals over its lifetime.
+
+    Sized so that no total overflows before `units_sold` does, and that one at
+    9.2e18 units (docs/design.md "Numeric ranges"): `revenue` holds
+    units_sold's ceiling × the largest price (numeric(12, 2)), 9.2e28, in 29
+    digits before the point. reports.checks holds ORDER_MAX_QUANTITY to it.
+    """
+
     product_id = models.BigIntegerField(primary_key=True)
     product_name = models.CharField(max_length=200)
-    # Version of the product event the name came from; older events are ignored.
-    name_version = models.PositiveIntegerField(default=0)
+    # Version of the product event the name came from; older events are ignored (inventory's 64-bit version).
+    name_version = models.PositiveBigIntegerField(default=0)
     units_sold = models.BigIntegerField(default=0)
     orders_count = models.BigIntegerField(default=0)
-    revenue = models.DecimalField(max_digits=16, decimal_places=2, default=0)
+    revenue = models.DecimalField(max_digits=31, decimal_places=2, default=0)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:

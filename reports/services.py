@@ -11,10 +11,12 @@ from django.db import transaction
 from django.utils import timezone
 
 from project.db import Statement, claim_row, service_db
+from project.lines import MAX_PRICE
 from project.saga import InvalidMessage, SagaAborted, step_lines
 
 from .models import ProductReport, ReportedOrder
 
+CENT = Decimal("0.01")
 RECORDED = ReportedOrder.Status.RECORDED
 FAILED = ReportedOrder.Status.FAILED
 REVERTED = ReportedOrder.Status.REVERTED
@@ -39,7 +41,10 @@ def product_sync(*, product_id: int, name: str, version: int, **_: Any) -> None:
 def parse_sale_lines(lines: Any) -> list[dict[str, Any]]:
     """JSON ``[{"product", "quantity", "unit_price", "product_name"}, …]`` → counted lines, in product order.
 
-    Product and quantity follow the rules of every step's lines (project.saga.step_lines).
+    Product and quantity follow the rules of every step's lines (project.saga.step_lines);
+    a unit price is a price column's value, 0 to MAX_PRICE to the cent, so that
+    what a line adds to `revenue` is bounded (docs/design.md "Numeric ranges").
+    Raises InvalidMessage otherwise.
     """
     order_lines = step_lines(lines)
     by_product = {line["product"]: line for line in lines}
@@ -50,8 +55,8 @@ def parse_sale_lines(lines: Any) -> list[dict[str, Any]]:
             unit_price = Decimal(str(raw.get("unit_price")))
         except InvalidOperation as exc:
             raise InvalidMessage(f"unit_price is not a number: {dict(raw)!r}") from exc
-        if not unit_price.is_finite() or unit_price < 0:
-            raise InvalidMessage(f"unit_price must be a non-negative number: {dict(raw)!r}")
+        if not unit_price.is_finite() or not 0 <= unit_price <= MAX_PRICE or unit_price != unit_price.quantize(CENT):
+            raise InvalidMessage(f"unit_price must be a price from 0 to {MAX_PRICE}, to the cent: {dict(raw)!r}")
         parsed.append(
             {
                 "product": line.product,

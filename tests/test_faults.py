@@ -25,6 +25,7 @@ from inventory.models import Product
 from ops.audit import audit
 from orders import services as order_services
 from orders.models import CancelledOrder, Order
+from project.celery import app as celery_app
 from reports.models import ProductReport
 from testing import BASE_DIR, SWEEP_TIMEOUT_SECONDS, wait_for
 
@@ -211,32 +212,35 @@ def test_a_bug_in_a_step_cancels_the_order_naming_it(workers, user, make_product
 
 
 @pytest.mark.parametrize(
-    ("limits", "blocked", "logged"),
+    ("soft", "hard", "blocked", "logged"),
     [
-        ({"CELERY_TASK_SOFT_TIME_LIMIT": "2", "CELERY_TASK_TIME_LIMIT": "30"}, False, "Soft time limit (2s) exceeded"),
+        (2, 30, False, "Soft time limit (2s) exceeded"),
         # Blocked where the soft limit cannot interrupt it (a lock wait in C): the hard limit kills the process.
-        ({"CELERY_TASK_SOFT_TIME_LIMIT": "2", "CELERY_TASK_TIME_LIMIT": "4"}, True, "Hard time limit (4s) exceeded"),
+        (2, 4, True, "Hard time limit (4s) exceeded"),
     ],
     ids=["soft", "hard"],
 )
-def test_a_step_blocked_past_its_time_limit_runs_again(workers, user, make_product, limits, blocked, logged):
-    """Blocked past a time limit is infrastructure: the step runs again (a retry, or the message put back)."""
+def test_a_step_blocked_past_its_time_limit_runs_again(
+    workers, user, make_product, monkeypatch, soft, hard, blocked, logged
+):
+    """Blocked past a time limit is infrastructure: the step runs again (a retry, or the message put back).
+
+    A message carries the time limits of the process that published it, and
+    the worker obeys them (docs/celery.md 19): this process publishes the
+    step, so its task's limits are the ones set here.
+    """
+    celery_app.loader.import_default_modules()  # register the tasks in this process, as a worker does
+    task = celery_app.tasks["inventory.stock_reserve"]
+    monkeypatch.setattr(task, "soft_time_limit", soft)
+    monkeypatch.setattr(task, "time_limit", hard)
+    monkeypatch.setattr(task, "_exec_options", None)  # Celery caches the options it stamps on messages
     product = make_product(stock=3)
-    workers.stop("inventory")
-    workers.start("inventory", env=limits)
-    try:
-        workers.wait_ready("inventory")
-        workers.set_faults(
-            {"inventory.stock_reserve": {"action": "sleep", "seconds": 8, "times": 1, "blocked": blocked}}
-        )
+    workers.set_faults({"inventory.stock_reserve": {"action": "sleep", "seconds": 8, "times": 1, "blocked": blocked}})
 
-        order_id = place(user, [(product, 1)])
+    order_id = place(user, [(product, 1)])
 
-        assert wait_terminal([order_id]) == {order_id: "confirmed"}
-        assert logged in workers.log("inventory")
-    finally:
-        workers.stop("inventory")
-        workers.restart("inventory")
+    assert wait_terminal([order_id]) == {order_id: "confirmed"}
+    assert logged in workers.log("inventory")
     assert Product.objects.get(pk=product.pk).stock == 2
     assert_consistent()
 

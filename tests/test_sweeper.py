@@ -77,7 +77,7 @@ def test_a_cancel_is_not_stuck_behind_the_orders_own_queued_step(sweeper, user, 
     assert_consistent()
 
 
-@pytest.mark.skipif(shutil.which("faketime") is None, reason="needs libfaketime (`make test-deps` installs it)")
+@pytest.mark.skipif(shutil.which("faketime") is None, reason="needs libfaketime (`make browser-deps` installs it)")
 def test_the_sweeper_works_with_the_orders_worker_a_minute_ahead(sweeper, user, make_product, settings):
     """Beat's clock and the orders worker's differ by 60 s: sweeps still run, and publish what failed to publish."""
     settings.ORDERFLOW_FAULTS_FILE = str(sweeper.faults_file)  # this process places the orders

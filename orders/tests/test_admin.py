@@ -5,6 +5,7 @@ only captured as an on-commit callback (never executed: it would reach the broke
 """
 
 import pytest
+from django.conf import settings as django_settings
 from django.contrib import admin
 from django.contrib.auth.models import Permission
 from django.urls import reverse
@@ -164,6 +165,29 @@ def test_add_order_without_lines_or_above_the_quantity_limit_is_refused(admin_cl
     assert empty.context["adminform"].form.non_field_errors() == ["At least one line is required."]
     assert too_many.context["formset"].forms[0].errors["quantity"] == ["An integer from 1 to 5 is required."]
     assert not Order.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "quantity",
+    ["99999999999999999999", "2147483648", str(django_settings.ORDER_MAX_QUANTITY + 1), "0", "-1", "1e3", "1.5", "NaN"],
+)
+def test_add_order_with_a_quantity_out_of_range_is_a_form_error(admin_client, user, make_product, quantity):
+    product = make_product()
+
+    response = admin_client.post(reverse(ADD_URL), add_data(user, [(product.pk, quantity)]))
+
+    assert response.status_code == 200
+    assert "quantity" in response.context["formset"].forms[0].errors
+    assert not Order.objects.exists()
+
+
+def test_add_order_takes_the_largest_quantity(admin_client, user, make_product, settings):
+    product = make_product(stock=settings.ORDER_MAX_QUANTITY)
+
+    response = admin_client.post(reverse(ADD_URL), add_data(user, [(product.pk, settings.ORDER_MAX_QUANTITY)]))
+
+    assert response.status_code == 302
+    assert Order.objects.get().lines.get().quantity == settings.ORDER_MAX_QUANTITY
 
 
 def test_submitting_the_same_add_form_twice_places_one_order(admin_client, user, make_product):

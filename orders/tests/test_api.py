@@ -105,6 +105,12 @@ def test_post_places_a_pending_order(api, product, user):
         {"lines": [{"product": "P", "quantity": None}]},
         {"lines": [{"product": "P", "quantity": True}]},
         {"lines": [{"product": "P", "quantity": settings.ORDER_MAX_QUANTITY + 1}]},
+        {"lines": [{"product": "P", "quantity": 2**31}]},
+        {"lines": [{"product": "P", "quantity": 99999999999999999999}]},
+        {"lines": [{"product": "P", "quantity": -(2**63)}]},
+        {"lines": [{"product": "P", "quantity": 1e3}]},
+        {"lines": [{"product": "P", "quantity": "1e3"}]},
+        {"lines": [{"product": "P", "quantity": 1e30}]},
         {"lines": [{"product": "P", "quantity": 1}, {"product": "P", "quantity": 2}]},
         {"lines": [{"product": "1", "quantity": 1}]},
         {"lines": [{"product": 0, "quantity": 1}]},
@@ -131,6 +137,17 @@ def test_post_refuses_bad_bodies_and_writes_nothing(api, product, body):
 
     assert_error(response, 400, code="invalid", fields=True)
     assert_nothing_written()
+
+
+def test_post_takes_the_largest_quantity(api, make_product):
+    product = make_product(stock=settings.ORDER_MAX_QUANTITY)
+
+    response = api.post(
+        ORDERS, {"lines": [{"product": product.pk, "quantity": settings.ORDER_MAX_QUANTITY}]}, format="json"
+    )
+
+    assert response.status_code == 202, response.content
+    assert response.json()["lines"][0]["quantity"] == settings.ORDER_MAX_QUANTITY
 
 
 def test_post_refuses_an_inactive_product(api, make_product):

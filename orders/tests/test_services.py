@@ -802,3 +802,30 @@ def test_a_publish_failure_after_commit_keeps_the_order_for_the_sweeper(user, se
     assert order.dispatch_attempts == 1  # the sweeper takes it from here
     assert "Error calling _publish in on_commit()" in caplog.text
     assert "injected transient error in orders.dispatch" in caplog.text
+
+
+def test_a_sweep_while_the_database_is_away_logs_one_line_and_waits_for_the_next(monkeypatch, caplog):
+    from django.db import OperationalError
+
+    from orders import tasks
+
+    def away(**_):
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(services, "saga_sweep", away)
+
+    assert tasks.saga_sweep.run() is None
+    assert "saga sweep skipped: OperationalError: connection refused" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_a_sweep_that_hits_a_bug_fails_loudly(monkeypatch):
+    from orders import tasks
+
+    def bug(**_):
+        raise ZeroDivisionError("bug")
+
+    monkeypatch.setattr(services, "saga_sweep", bug)
+
+    with pytest.raises(ZeroDivisionError):
+        tasks.saga_sweep.run()
