@@ -66,8 +66,10 @@ def make_app(url: str) -> Celery:
     )
     app.config_from_object("django.conf:settings", namespace="CELERY")
     app.conf.update(
+        # Publishing connects to broker_write_url, which (unlike broker_url) the environment's
+        # CELERY_BROKER_URL does not override (celery.app.utils.Settings).
         broker_url=url,
-        broker_write_url=None,
+        broker_write_url=url,
         broker_transport=None,
         broker_transport_options=broker_publish.amqp_transport_options(),
     )
@@ -285,6 +287,7 @@ def test_the_embedded_broker_on_a_full_disk_fails_the_publish_at_once(full_disk)
     folders = {name: str(full_disk / "broker" / name) for name in ("queue", "processed", "control")}
     app.conf.update(
         broker_url="filesystem://localhost/",
+        broker_write_url="filesystem://localhost/",
         broker_transport="project.broker:Transport",
         broker_transport_options={
             "data_folder_in": folders["queue"],
