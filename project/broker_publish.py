@@ -2,7 +2,7 @@
 
 Celery publishes every message through one function,
 ``app.amqp.send_task_message``: a task sent from the web on commit, a chain's
-next step, a retry (``Task.retry``), an error callback or a compensation, beat's sweep, a product
+next step, a retry (``Task.retry``), an error callback, beat's sweep, a product
 event. `AMQP` (installed as the app's ``amqp`` class in project/celery.py) wraps
 it in `bounded_publish`, so every one of them either completes within
 BROKER_PUBLISH_TIMEOUT_SECONDS or raises `BrokerUnavailable` — a kombu
@@ -40,14 +40,13 @@ reason, except one trial at a time after that interval, whose success (or a
 ``connection.unblocked``) ends the outage. A web request therefore waits on a
 blocked or frozen broker at most once per interval per process, and the others
 answer at once. Before the first timeout tells, a burst of publishes to a broker
-that just froze would each wait the bound: at most WAITING_PUBLISHES of a
-process wait on one broker at a time, and a publish that finds them all busy
-waits for a slot only while none of them has waited STUCK_AFTER_SECONDS (a
-healthy broker under a burst frees slots in milliseconds; a stuck one fails the
-others at once), so a web process's other threads stay free
-for the requests that need no broker (health checks, reads). A healthy broker
-confirms in milliseconds and never keeps a publish waiting for a slot that
-long. Whether a publish that timed out reached the broker is unknown:
+that just froze would each wait the bound, and a web process's every thread
+with them: at most WAITING_PUBLISHES publishes of a process wait on one broker
+at a time, the others wait their turn, and give up at once when those waiting
+look stuck (waiting STALL_FRACTION of the bound), so the other threads stay free
+for the requests that need no broker (health checks, reads). A healthy broker,
+even a slow one, confirms in milliseconds, so the turn comes long before that.
+Whether a publish that timed out reached the broker is unknown:
 the saga's records (the order row, the idempotent steps) make sending it again
 safe.
 """
@@ -55,6 +54,7 @@ safe.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import select
 import threading
@@ -80,10 +80,9 @@ RETRY_INTERVAL_SECONDS = 2.0
 #: At most this many publishes of a process wait on one broker at a time (a bulkhead:
 #: a web process's threads are not all taken by a broker that stopped answering) ...
 WAITING_PUBLISHES = 2
-#: ... and a publish that finds every slot busy waits for one (a healthy broker under a
-#: burst frees them in milliseconds), but fails at once when the longest-waiting
-#: publish has waited this long: the broker looks stuck (seconds).
-STUCK_AFTER_SECONDS = 0.25
+#: ... and one waiting its turn gives up once the oldest of them has waited this fraction
+#: of BROKER_PUBLISH_TIMEOUT_SECONDS: the broker looks stuck.
+STALL_FRACTION = 0.5
 
 #: The routing key of `probe`'s message: no queue is bound to it, so RabbitMQ
 #: drops the message (and confirms it) at once.
@@ -115,32 +114,13 @@ class _Outage:
 
     def __init__(self, broker: str) -> None:
         self.broker = broker
-        self.slots = threading.BoundedSemaphore(WAITING_PUBLISHES)
-        self._waiting_since: dict[int, float] = {}  # thread id -> when its publish took a slot
+        self._waiting: dict[int, float] = {}  # publishes waiting on the broker: token -> since (monotonic s)
+        self._tokens = itertools.count()
         self._lock = threading.Condition()
         self.reason: str | None = None  # None: publishing works, as far as this process knows
         self.blocked = False
         self._retry_at = 0.0
         self._trial = False
-
-    def take_slot(self, deadline: float) -> None:
-        """Wait for a publishing slot until `deadline` (monotonic s); BrokerUnavailable once the broker looks stuck.
-
-        A publish that has held its slot for STUCK_AFTER_SECONDS says the broker
-        stopped answering: the others fail at once rather than wait behind it.
-        """
-        while not self.slots.acquire(timeout=0.01):
-            with self._lock:
-                oldest = min(self._waiting_since.values(), default=monotonic())
-            if monotonic() - oldest > STUCK_AFTER_SECONDS or monotonic() > deadline:
-                raise BrokerUnavailable(f"{WAITING_PUBLISHES} publishes already waiting on the broker")
-        with self._lock:
-            self._waiting_since[threading.get_ident()] = monotonic()
-
-    def free_slot(self) -> None:
-        with self._lock:
-            self._waiting_since.pop(threading.get_ident(), None)
-        self.slots.release()
 
     def admit(self, wait_for_trial: float = 0.0) -> bool:
         """Let a publish go ahead (True if it is the outage's trial), or raise BrokerUnavailable at once.
@@ -187,6 +167,25 @@ class _Outage:
             if self.reason is not None:
                 logger.warning("broker %s available again (was: %s)", self.broker, self.reason)
             self.reason, self.blocked, self._trial = None, False, False
+            self._lock.notify_all()
+
+    def take_turn(self, deadline: float) -> int:
+        """Wait for one of the WAITING_PUBLISHES turns, or raise BrokerUnavailable once those waiting look stuck."""
+        with self._lock:
+            while len(self._waiting) >= WAITING_PUBLISHES:
+                now = monotonic()
+                oldest = min(self._waiting.values())
+                stuck_at = oldest + STALL_FRACTION * _timeout()
+                if now >= stuck_at or now >= deadline:
+                    raise BrokerUnavailable(f"the broker has kept a publish waiting {now - oldest:.1f} s")
+                self._lock.wait(min(stuck_at, deadline) - now)
+            token = next(self._tokens)
+            self._waiting[token] = monotonic()
+            return token
+
+    def end_turn(self, token: int) -> None:
+        with self._lock:
+            self._waiting.pop(token, None)
             self._lock.notify_all()
 
     def state(self) -> str | None:
@@ -391,8 +390,9 @@ def _unavailability(exc: BaseException, connection: Connection | None) -> bool:
     return isinstance(exc, errors)
 
 
-def _publish_network(producer: Producer, connection: Connection, publish: Callable[[float], T], outage: _Outage) -> T:
-    deadline = monotonic() + _timeout()
+def _publish_network(
+    producer: Producer, connection: Connection, publish: Callable[[float], T], outage: _Outage, deadline: float
+) -> T:
     for attempt in (1, 2):
         try:
             with bounded_connection(connection, deadline) as left:
@@ -436,11 +436,12 @@ def bounded_publish(
     trial = outage.admit(wait_for_trial)
     try:
         if connection is not None and _is_network(connection):
-            outage.take_slot(monotonic() + settings.BROKER_PUBLISH_TIMEOUT_SECONDS)
+            deadline = monotonic() + _timeout()  # waiting for a turn is part of the bound
+            turn = outage.take_turn(deadline)
             try:
-                result = _publish_network(producer, connection, publish, outage)
+                result = _publish_network(producer, connection, publish, outage, deadline)
             finally:
-                outage.free_slot()
+                outage.end_turn(turn)
             outage.ok()
             return result
         # The embedded file broker: no socket to wait on; a full disk raises at once.
