@@ -159,6 +159,9 @@ def _database(url: str, name: str) -> dict:
     elif "postgresql" in config["ENGINE"]:
         # libpq's startup options (https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-CONNECT-OPTIONS).
         options = config.setdefault("OPTIONS", {})
+        # A server that does not answer (frozen, or a network that drops packets) fails a connect in
+        # seconds instead of hanging a request or a step (libpq's connect_timeout, seconds).
+        options.setdefault("connect_timeout", env.int("DATABASE_CONNECT_TIMEOUT_SECONDS", default=5))
         lock_timeout = f"-c lock_timeout={round(DATABASE_LOCK_TIMEOUT_SECONDS * 1000)}"
         options["options"] = f"{options['options']} {lock_timeout}" if options.get("options") else lock_timeout
     return config

@@ -11,6 +11,7 @@ after every consumer of them answered, and none of them holds the order
 """
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 from django.conf import settings
 from kombu.exceptions import OperationalError as BrokerOperationalError
 
-from project import broker
+from project import broker, broker_publish
 from project.celery import app
 
 logger = logging.getLogger("orderflow.saga")
@@ -43,25 +44,37 @@ def saga_queues() -> list[str]:
 def queue_depths(queues: Iterable[str]) -> dict[str, QueueDepth]:
     """{queue: QueueDepth} from the broker (passive declares); a queue never declared is empty with no consumer.
 
-    Raises kombu.exceptions.OperationalError (or the transport's connection
-    errors) when the broker cannot be reached in BROKER_PUBLISH_TIMEOUT_SECONDS-ish time.
+    Raises kombu.exceptions.OperationalError (project.broker_publish.BrokerUnavailable)
+    or TimeoutError when RabbitMQ does not answer within BROKER_PUBLISH_TIMEOUT_SECONDS,
+    connecting and closing included.
     """
     options = app.conf.broker_transport_options or {}
     claimed_root = Path(options["data_folder_in"]).parent / "claimed" if "data_folder_in" in options else None
+    connection = app.connection_for_write()
+    if claimed_root is not None:  # the embedded broker: files, nothing to wait on
+        with connection:
+            return _depths_on(connection, queues, claimed_root)
+    # RabbitMQ: connecting, every declare and the close within the publish bound (a frozen broker never answers).
+    with broker_publish.bounded_connection(connection, time.monotonic() + settings.BROKER_PUBLISH_TIMEOUT_SECONDS):
+        depths = _depths_on(connection, queues, None)
+        connection.release()
+    return depths
+
+
+def _depths_on(connection, queues: Iterable[str], claimed_root: Path | None) -> dict[str, QueueDepth]:
     depths = {}
-    with app.connection_for_write() as connection:
-        connection.ensure_connection(max_retries=1, timeout=3)
-        for queue in queues:
-            try:
-                # A channel per queue: on AMQP a passive declare of a missing queue closes its channel.
-                with connection.channel() as channel:
-                    _, ready, consumers = channel.queue_declare(queue=queue, passive=True)
-            except connection.channel_errors:
-                depths[queue] = QueueDepth(0, 0)
-                continue
-            if claimed_root is not None:  # the file broker counts consumers by their live markers
-                consumers = len(broker.queue_consumers(claimed_root, queue))
-            depths[queue] = QueueDepth(ready, consumers)
+    connection.ensure_connection(max_retries=0)
+    for queue in queues:
+        try:
+            # A channel per queue: on AMQP a passive declare of a missing queue closes its channel.
+            with connection.channel() as channel:
+                _, ready, consumers = channel.queue_declare(queue=queue, passive=True)
+        except connection.channel_errors:
+            depths[queue] = QueueDepth(0, 0)
+            continue
+        if claimed_root is not None:  # the file broker counts consumers by their live markers
+            consumers = len(broker.queue_consumers(claimed_root, queue))
+        depths[queue] = QueueDepth(ready, consumers)
     return depths
 
 
