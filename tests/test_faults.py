@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, connection, connections, transaction
+from django.db import InterfaceError, OperationalError, connections, transaction
 
 from inventory.models import Product
 from ops.audit import audit
@@ -338,26 +338,24 @@ def test_rabbitmq_restarted_while_orders_flow(drill_stack, rabbitmq_node):
     stack.check_books(initial)
 
 
-def _terminate_backends() -> int:
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        )
-        return cursor.fetchone()[0]
-
-
-@pytest.mark.skipif(not ON_POSTGRES, reason="kills PostgreSQL connections; runs with DATABASE_URL=postgres://…")
-def test_postgres_connections_killed_while_orders_flow(sweeper, user, goods):
-    initial = initial_stock(goods)
+def test_postgres_connections_killed_while_orders_flow(drill_stack, postgres_cluster):
+    """Every session of a private PostgreSQL cluster is terminated six times while HTTP clients place 40 orders."""
+    stack = drill_stack()
+    initial = stack_goods(stack)
     killed = 0
-    with Stream(user, goods, 40, interval=0.05) as stream:
+    with ThreadPoolExecutor(1) as client:
+        placing = client.submit(
+            stack.place_orders, 40, lines=stream_lines(list(initial)), threads=1, interval=0.05, attempts=100
+        )
         for _ in range(6):
             time.sleep(0.3)
-            killed += _retrying(_terminate_backends)
+            killed += postgres_cluster.terminate_backends()
+        replies = placing.result(timeout=240)
     assert killed > 0
-    states = check_books(goods, stream.ids, initial)
+    assert [reply.status for reply in replies] == [202] * 40, replies
+    states = stack.wait_terminal(stack.order_ids(replies), timeout=END_WITHIN)
     assert len(states) == 40
+    stack.check_books(initial)
 
 
 def test_postgres_restarted_while_orders_flow(drill_stack, postgres_cluster):

@@ -1,7 +1,7 @@
 """Every publish has a time bound (project/broker_publish.py, issue 14), on a private RabbitMQ node.
 
-The node is this module's own (testing/instances.py: own ports, folders, cookie
-and epmd), alarmed and frozen on purpose; never the machine's shared broker.
+Each test has a node of its own (testing.plugin.rabbitmq_node: own ports, folders,
+cookie and epmd), alarmed and frozen on purpose; never the machine's shared broker.
 Each test publishes through a Celery app of its own configured as settings
 configure the real one for RabbitMQ, so what is proved is the app's path:
 ``send_task`` → ``app.amqp.send_task_message`` → py-amqp.
@@ -27,7 +27,7 @@ from django.db import transaction
 from project import broker_publish
 from project.broker_publish import BrokerBlocked, BrokerUnavailable
 from project.db import after_commit
-from testing.instances import RabbitMQNode, rabbitmq_available
+from testing.instances import rabbitmq_available
 
 pytestmark = [
     pytest.mark.private_instances,
@@ -42,10 +42,10 @@ CEILING = 5.0
 AT_ONCE = 0.2
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory):
-    with RabbitMQNode(tmp_path_factory.mktemp("rabbitmq")) as node:
-        yield node
+@pytest.fixture
+def node(rabbitmq_node):
+    """The test's own private RabbitMQ node (testing.plugin.rabbitmq_node), started and removed by the fixture."""
+    return rabbitmq_node
 
 
 @pytest.fixture(autouse=True)
