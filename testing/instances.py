@@ -19,6 +19,7 @@ they are made and how to run the drills alone.
 
 import atexit
 import contextlib
+import errno
 import itertools
 import os
 import random
@@ -798,3 +799,29 @@ class PostgresCluster:
             yield self
         finally:
             self.thaw()
+
+
+# --- a small filesystem of the test's own, to fill --------------------------------------------
+
+
+@contextlib.contextmanager
+def tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (mount's syntax: "1m", "48m") at `mount` (made if missing), unmounted after (root only)."""
+    mount.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], check=True)  # noqa: S603, S607
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)  # noqa: S603, S607
+
+
+def fill_disk(folder: Path) -> Path:
+    """Write zeros into `folder`/filler until the filesystem refuses (ENOSPC, asserted); the filler's path."""
+    filler = folder / "filler"
+    with open(filler, "wb") as file:
+        try:
+            while True:
+                file.write(b"\0" * 65536)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+    return filler

@@ -13,15 +13,17 @@ system running on them (testing/stack.py), all removed after the test. Such
 tests get the `private_instances` marker by themselves.
 """
 
+import contextlib
 import itertools
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from django.conf import settings
 from pytest_django.fixtures import validate_django_db
 
-from testing.instances import PostgresCluster, RabbitMQNode, postgres_available, rabbitmq_available
+from testing.instances import PostgresCluster, RabbitMQNode, postgres_available, rabbitmq_available, tmpfs
 from testing.stack import Stack
 from testing.workers import Workers, purge_queues, quiesce
 
@@ -203,3 +205,16 @@ def drill_stack(rabbitmq_node, postgres_cluster, tmp_path_factory) -> Iterator[C
     finally:
         for stack in stacks:
             stack.stop()
+
+
+@pytest.fixture
+def small_filesystem(tmp_path) -> Iterator[Callable[[str], Path]]:
+    """small_filesystem(size) -> a tmpfs of `size` ("1m") of this test's own, unmounted after; skipped unless root.
+
+    A real ENOSPC for the full-disk drills (testing.instances.fill_disk fills it).
+    """
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    with contextlib.ExitStack() as mounts:
+        numbers = itertools.count(1)
+        yield lambda size: mounts.enter_context(tmpfs(tmp_path / f"tmpfs{next(numbers)}", size))

@@ -10,16 +10,13 @@ POST under an alarm within 2 s, /healthz within 100 ms); each drill prints what
 it measured (`-s` shows it; docs/testing.md keeps the last run's numbers).
 """
 
-import errno
-import os
-import subprocess
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
+from testing.instances import fill_disk
 from testing.stack import Reply, Stack
 
 pytestmark = [pytest.mark.private_instances, pytest.mark.timeout(300)]
@@ -193,28 +190,12 @@ def test_a_database_that_refuses_or_turns_read_only_answers_503_retry_after(dril
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A 48 MB tmpfs for the embedded stack's var/ (root only), unmounted after."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "var"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+def small_disk(small_filesystem):
+    """A 48 MB tmpfs of the test's own for the embedded stack's var/ (testing.plugin.small_filesystem)."""
+    return small_filesystem("48m")
 
 
-def fill(folder: Path) -> Path:
-    filler = folder / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
-    return filler
+fill = fill_disk
 
 
 def test_the_embedded_default_on_a_full_disk_answers_503_disk_full(small_disk, tmp_path):

@@ -11,13 +11,9 @@ publishes waited for as long as the alarm or the freeze lasted); the bound
 itself is BROKER_PUBLISH_TIMEOUT_SECONDS (1 s).
 """
 
-import errno
 import logging
-import os
-import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from celery import Celery
@@ -27,7 +23,7 @@ from django.db import transaction
 from project import broker_publish
 from project.broker_publish import BrokerBlocked, BrokerUnavailable
 from project.db import after_commit
-from testing.instances import rabbitmq_available
+from testing.instances import fill_disk, rabbitmq_available
 
 pytestmark = [
     pytest.mark.private_instances,
@@ -259,26 +255,12 @@ def test_an_on_commit_publish_that_cannot_go_out_is_one_warning_line(app, node, 
 
 
 @pytest.fixture
-def full_disk(tmp_path):
-    """A 1 MB tmpfs, filled: a real ENOSPC for every write (root only)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "full"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+def full_disk(small_filesystem):
+    """A 1 MB tmpfs of the test's own (testing.plugin.small_filesystem): a real ENOSPC once filled."""
+    return small_filesystem("1m")
 
 
-def fill(folder: Path) -> None:
-    with open(folder / "filler", "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
+fill = fill_disk
 
 
 def test_the_embedded_broker_on_a_full_disk_fails_the_publish_at_once(full_disk):

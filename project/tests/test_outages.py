@@ -8,12 +8,9 @@ that is full. Where a request must meet the failure, the test points the
 SQLite), so the API, the admin and /readyz meet the driver's own errors.
 """
 
-import errno
 import json
 import logging
 import os
-import subprocess
-from pathlib import Path
 
 import environ
 import pytest
@@ -29,7 +26,7 @@ from project.http.errors import (
     DISK_FULL,
     outage_of,
 )
-from testing.instances import PostgresCluster, postgres_available
+from testing.instances import PostgresCluster, fill_disk, postgres_available
 
 pytestmark = [pytest.mark.django_db, pytest.mark.timeout(120)]
 # The tests that use the private cluster (the plugin marks only its own fixtures' users).
@@ -84,26 +81,12 @@ def raised_by(call) -> BaseException:
 
 
 @pytest.fixture
-def full_tmpfs(tmp_path):
-    """A 1 MB tmpfs, filled after `fill()`: a real ENOSPC (root only)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "full"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+def full_tmpfs(small_filesystem):
+    """A 1 MB tmpfs of the test's own (testing.plugin.small_filesystem), filled by `fill()`: a real ENOSPC."""
+    return small_filesystem("1m")
 
 
-def fill(folder: Path) -> None:
-    with open(folder / "filler", "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
+fill = fill_disk
 
 
 # --- what is an outage: real errors, classified -------------------------------------------
