@@ -279,14 +279,40 @@ def _throttle_rate(name: str, default: str) -> str | None:
 ORDER_CREATE_THROTTLE = _throttle_rate("ORDER_CREATE_THROTTLE", "120/min")
 # Password logins one client address may try (POST /api/auth/token/), right or wrong.
 TOKEN_OBTAIN_THROTTLE = _throttle_rate("TOKEN_OBTAIN_THROTTLE", "10/min")
-# The throttle's history must be shared by every web process (gunicorn runs several): a file
-# cache under var/ serves one machine; several web machines need e.g. dbcache://orderflow_cache
-# (after `manage.py createcachetable`). Django's default LocMemCache would be per process.
+# The throttles' state must be shared by every web process (gunicorn runs several), and each
+# step on it must be atomic (project/http/gcra.py): Redis (redis:// or rediss://, several web
+# machines, the compose shape) or a file cache (filecache://, one machine; the default, under
+# var/). Any other cache is refused: Django's database and memcached caches have no atomic step.
+THROTTLE_REDIS_TIMEOUT_SECONDS = env.float("THROTTLE_REDIS_TIMEOUT_SECONDS", default=0.5)
+
+
+def _throttle_cache(url: str) -> dict:
+    """CACHES["throttle"] for THROTTLE_CACHE_URL `url`; ImproperlyConfigured for a scheme other than redis or file."""
+    scheme = url.partition("://")[0]
+    if scheme == "filecache":
+        config = environ.Env.cache_url_config(url)
+        # The file cache culls at MAX_ENTRIES files (a user beyond it may find a fresh allowance).
+        config.setdefault("OPTIONS", {}).setdefault("MAX_ENTRIES", 10_000)
+    elif scheme in ("redis", "rediss"):
+        config = environ.Env.cache_url_config(url, backend="django.core.cache.backends.redis.RedisCache")
+        # A Redis that does not answer costs a request at most connect + read timeout (then it is let
+        # through, loudly: project/http/throttles.py). redis-py's own default is 5 s each.
+        options = config.setdefault("OPTIONS", {})
+        options.setdefault("socket_connect_timeout", THROTTLE_REDIS_TIMEOUT_SECONDS)
+        options.setdefault("socket_timeout", THROTTLE_REDIS_TIMEOUT_SECONDS)
+    else:
+        raise ImproperlyConfigured(
+            f"THROTTLE_CACHE_URL: {scheme}:// has no atomic rate-limit step; use redis://HOST:6379/DB or "
+            "filecache:///absolute/folder (one machine)"
+        )
+    return config
+
+
+THROTTLE_CACHE_URL = env("THROTTLE_CACHE_URL", default="") or f"filecache://{VAR_DIR / 'cache' / 'throttle'}"
 CACHES = {
     "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
-    "throttle": env.cache_url("THROTTLE_CACHE_URL", default=f"filecache://{VAR_DIR / 'cache' / 'throttle'}"),
+    "throttle": _throttle_cache(THROTTLE_CACHE_URL),
 }
-CACHES["throttle"].setdefault("OPTIONS", {}).setdefault("MAX_ENTRIES", 10_000)
 
 # --- Orders and the saga -------------------------------------------------------
 ORDER_MAX_LINES = env.int("ORDER_MAX_LINES", default=50)

@@ -5,8 +5,9 @@ import logging
 import math
 
 from django.conf import settings
-from django.core.cache import caches
 from rest_framework.throttling import SimpleRateThrottle
+
+from project.http import gcra
 
 logger = logging.getLogger(__name__)
 
@@ -22,20 +23,16 @@ class SettingRateThrottle(SimpleRateThrottle):
     requests in the minute, growing with the limit (docs/performance.md).
 
     The state lives in the `throttle` cache, which every web process must
-    share: Django's default LocMemCache is per process, so each gunicorn
-    worker would grant its own allowance. settings.CACHES["throttle"] is a
-    file cache under var/ unless THROTTLE_CACHE_URL names another. Like DRF's,
-    the read and the write are not one atomic step: requests with one key that
-    arrive together in different processes can pass the limit by a few.
+    share: Redis (THROTTLE_CACHE_URL=redis://...) or, by default, a file
+    cache under var/ for one machine. The read, the comparison and the write
+    are one atomic step in that store (project.http.gcra), so requests with
+    one key that arrive together in different processes cannot pass the
+    limit between them. The time is the web process's clock.
     """
 
     _retry_after: float | None = None
 
     rate_setting: str
-
-    @property
-    def cache(self):
-        return caches["throttle"]
 
     def get_rate(self) -> str | None:
         # Read per request, not at import: None (e.g. ORDER_CREATE_THROTTLE=off) lets everything through.
@@ -55,18 +52,14 @@ class SettingRateThrottle(SimpleRateThrottle):
         key = self.get_cache_key(request, view)
         if key is None:
             return True
-        now = self.timer()
         interval = self.duration / self.num_requests
-        burst = self.duration - interval  # how far ahead of now the next due time may run
-        due = self.cache.get(key)
-        # Anything else (a request history an older version stored) starts afresh.
-        due = max(due, now) if isinstance(due, float | int) and not isinstance(due, bool) else now
-        if due - now > burst:
-            self._retry_after = due - now - burst
-            return False
-        # After `duration` the stored time is in the past, as good as no entry.
-        self.cache.set(key, due + interval, self.duration)
-        return True
+        # How far ahead of now the next due time may run; after `duration` a stored time is in the past.
+        decision = gcra.step(
+            key, now=self.timer(), interval=interval, burst=self.duration - interval, ttl=self.duration
+        )
+        if not decision.allowed:
+            self._retry_after = decision.retry_after
+        return decision.allowed
 
     def wait(self) -> float | None:
         # At least a second, so the 429 always carries a usable Retry-After.
