@@ -14,6 +14,7 @@ when SECRET_KEY is unset); the broker's folders are made by the transport
 """
 
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 import environ
@@ -313,6 +314,37 @@ CACHES = {
     "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
     "throttle": _throttle_cache(THROTTLE_CACHE_URL),
 }
+
+# --- Login lockout (django-axes) ------------------------------------------------
+# Password logins, the admin's and POST /api/auth/token/'s (both call authenticate()), are
+# counted per username and, separately, per client address: AXES_FAILURE_LIMIT failures of
+# either lock it out for AXES_COOLOFF_MINUTES after the latest (0: until unlocked by hand).
+# Locked out, even the right password is refused: 429, the admin with a page
+# (project/templates/locked_out.html), the API with {"code": "locked_out"}. docs/security.md
+# ("Rate limits and the admin login") says why both and how to unlock (manage.py axes_reset...).
+INSTALLED_APPS += ["axes"]
+AUTHENTICATION_BACKENDS = [
+    # First: it refuses a locked-out login before any backend checks the password.
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+# Last, as django-axes requires: it turns a login its backend refused into the lockout answer.
+MIDDLEWARE += ["axes.middleware.AxesMiddleware"]
+AXES_HANDLER = "axes.handlers.database.AxesDatabaseHandler"
+AXES_FAILURE_LIMIT = env.int("AXES_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_MINUTES = env.float("AXES_COOLOFF_MINUTES", default=15.0)
+AXES_COOLOFF_TIME = timedelta(minutes=AXES_COOLOFF_MINUTES) if AXES_COOLOFF_MINUTES > 0 else None
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]  # either one: a list of two, not a pair [[...]]
+# A right password does not wipe the failures: an attacker who knows one password cannot reset the
+# count for the next guesses from the same address.
+AXES_RESET_ON_SUCCESS = False
+# The address the throttles use: the connection's own, or NUM_PROXIES proxies' X-Forwarded-For.
+AXES_CLIENT_IP_CALLABLE = "project.http.throttles.client_address"
+# The admin's 429 page; under /api/ the JSON error shape (project.http.errors.lockout_response).
+AXES_LOCKOUT_TEMPLATE = "locked_out.html"
+AXES_LOCKOUT_CALLABLE = "project.http.errors.lockout_response"
+if AXES_FAILURE_LIMIT < 1:
+    raise ValueError(f"AXES_FAILURE_LIMIT={AXES_FAILURE_LIMIT}: expected a number of failures, 1 or more")
 
 # --- Orders and the saga -------------------------------------------------------
 ORDER_MAX_LINES = env.int("ORDER_MAX_LINES", default=50)

@@ -1,5 +1,6 @@
 """The API's own endpoints beside the services': its root, listing the others, and a token for a password."""
 
+from axes.helpers import get_cool_off
 from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
 from rest_framework import exceptions, serializers
 from rest_framework.authtoken.serializers import AuthTokenSerializer
@@ -10,7 +11,7 @@ from rest_framework.reverse import reverse
 from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
-from project.http.errors import InvalidCredentials
+from project.http.errors import InvalidCredentials, LockedOut
 from project.http.schema import RETRY_AFTER, errors
 from project.http.serializers import InputSerializer
 from project.http.throttles import TokenObtainThrottle
@@ -70,7 +71,9 @@ class TokenObtainApi(ObtainAuthToken):
         description=(
             "Exchanges a username and password for the user's token (created on first use, then the same "
             "one every time), for any active user, staff or not. Rate limited per client address "
-            "(`TOKEN_OBTAIN_THROTTLE`), wrong passwords included."
+            "(`TOKEN_OBTAIN_THROTTLE`), wrong passwords included. After `AXES_FAILURE_LIMIT` failed logins "
+            "for a username, or from an address, its logins are locked for `AXES_COOLOFF_MINUTES` (429 "
+            "`locked_out`), the admin's included."
         ),
         tags=["auth"],
         auth=[],
@@ -92,6 +95,8 @@ class TokenObtainApi(ObtainAuthToken):
                 429,
                 _400="No user with this username and password, or an inactive one (`invalid_credentials`); "
                 "a missing field (`invalid`, with `fields`); or malformed JSON (`parse_error`).",
+                _429="Too many logins from this address (`throttled`), or too many failed ones for this username "
+                "or from this address (`locked_out`): wait `Retry-After` seconds.",
             ),
         },
     )
@@ -99,7 +104,10 @@ class TokenObtainApi(ObtainAuthToken):
         try:
             return super().post(request, *args, **kwargs)
         except exceptions.ValidationError as exc:
-            # AuthTokenSerializer's refusal of the username and password together.
+            # AuthTokenSerializer's refusal of the username and password together. django-axes marks the
+            # request when its backend refused a locked-out login, or this failure reached the limit.
+            if getattr(request, "axes_locked_out", False):
+                raise LockedOut(get_cool_off(request)) from None
             if exc.get_codes() == {"non_field_errors": ["authorization"]}:
                 raise InvalidCredentials("Unable to log in with the username and password given.") from None
             raise

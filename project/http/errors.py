@@ -10,16 +10,20 @@ busy, a full disk, the broker unavailable — is a ``503`` with ``Retry-After``
 
 import errno
 import logging
+import math
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from html import escape
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import DatabaseError
 from django.http import Http404, HttpResponse, JsonResponse
+from django.shortcuts import render
 from django.views import defaults
 from kombu.exceptions import OperationalError as BrokerOperationalError
 from rest_framework import exceptions, status
@@ -71,6 +75,49 @@ class RequestTooLarge(exceptions.APIException):
     status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
     default_detail = "The request body is larger than the server accepts."
     default_code = "request_too_large"
+
+
+class LockedOut(exceptions.Throttled):
+    """Too many failed password logins for this username or from this address (django-axes): 429.
+
+    `cool_off` is how long the lock lasts after the latest failure (None: until
+    an administrator lifts it); it is the Retry-After, so a client that waits it
+    out passes.
+    """
+
+    default_detail = "Too many failed logins for this username or from this address."
+    default_code = "locked_out"
+
+    def __init__(self, cool_off: timedelta | None) -> None:
+        if cool_off is None:
+            super().__init__(detail=f"{self.default_detail} Logins stay locked until an administrator unlocks them.")
+        else:
+            super().__init__(wait=cool_off.total_seconds())
+
+
+def lockout_response(request, original_response=None, credentials=None) -> HttpResponse:
+    """django-axes's answer to a locked-out login (AXES_LOCKOUT_CALLABLE), 429 either way.
+
+    Under /api/ the API's JSON shape, code `locked_out`, with Retry-After the
+    cool-off; elsewhere (the admin's login) the page AXES_LOCKOUT_TEMPLATE with
+    the failure limit and the cool-off in minutes (None: until unlocked).
+    `original_response` (what the login view answered) and `credentials` are
+    the arguments django-axes passes (axes.helpers.get_lockout_response).
+    """
+    from axes.helpers import get_cool_off, get_failure_limit  # it imports axes's models: not before apps are ready
+
+    cool_off = get_cool_off(request)
+    if request.path.startswith("/api/"):
+        locked = LockedOut(cool_off)
+        response: HttpResponse = JsonResponse(error_body(locked.default_code, str(locked.detail)), status=429)
+        if locked.wait is not None:
+            response["Retry-After"] = str(locked.wait)
+        return response
+    context = {
+        "failure_limit": get_failure_limit(request, credentials),
+        "cool_off_minutes": math.ceil(cool_off.total_seconds() / 60) if cool_off else None,
+    }
+    return render(request, settings.AXES_LOCKOUT_TEMPLATE, context, status=429)
 
 
 def error_body(code: str, detail: str, fields: dict[str, Any] | None = None) -> dict[str, Any]:

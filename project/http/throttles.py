@@ -1,11 +1,12 @@
 """Rate limits of the API: placing orders (ORDER_CREATE_THROTTLE per user), and password logins
-for a token (TOKEN_OBTAIN_THROTTLE per client address)."""
+for a token (TOKEN_OBTAIN_THROTTLE per client address); and the client address they, and django-axes's
+login lockout, key on."""
 
 import logging
 import math
 
 from django.conf import settings
-from rest_framework.throttling import SimpleRateThrottle
+from rest_framework.throttling import BaseThrottle, SimpleRateThrottle
 
 from project.http import gcra
 
@@ -91,3 +92,15 @@ class TokenObtainThrottle(SettingRateThrottle):
 
     def get_cache_key(self, request, view) -> str:
         return self.cache_format % {"scope": self.scope, "ident": self.get_ident(request)}
+
+
+def client_address(request) -> str | None:
+    """The client's address as the throttles key it (DRF's `get_ident`), for django-axes (AXES_CLIENT_IP_CALLABLE).
+
+    `request` is a Django HttpRequest or a DRF Request. The connection's own
+    address (REMOTE_ADDR) unless REST_FRAMEWORK["NUM_PROXIES"] trusts that many
+    proxies' X-Forwarded-For entries, counted from the right; a client cannot
+    choose its own address with a header the proxies did not write. None when
+    the request has no address at all (Django's test client without REMOTE_ADDR).
+    """
+    return BaseThrottle().get_ident(request) or None
