@@ -21,7 +21,6 @@ import pytest
 import redis
 from django.core.cache import caches
 from django.core.exceptions import ImproperlyConfigured
-from django.test import override_settings
 from rest_framework.authtoken.models import Token
 
 from project import settings as project_settings
@@ -48,16 +47,17 @@ def redis_url() -> str:
 def store(request, settings):
     """The `throttle` cache on each store (the file cache: the test settings' own), emptied before and after.
 
-    Yields the THROTTLE_CACHE_URL it stands for.
+    Yields the THROTTLE_CACHE_URL it stands for. Through pytest-django's `settings`, like the
+    tests' own changes: one wrapper undoes them all, in order.
     """
     if request.param == "redis":
         url = request.getfixturevalue("redis_url")
     else:
         url = f"filecache://{settings.CACHES['throttle']['LOCATION']}"
-    with override_settings(CACHES={**settings.CACHES, "throttle": project_settings._throttle_cache(url)}):
-        caches["throttle"].clear()
-        yield url
-        caches["throttle"].clear()
+    settings.CACHES = {**settings.CACHES, "throttle": project_settings._throttle_cache(url)}
+    caches["throttle"].clear()
+    yield url
+    caches["throttle"].clear()
 
 
 @pytest.fixture
@@ -142,11 +142,10 @@ def frozen_redis():
 
 def test_a_throttle_store_that_does_not_answer_lets_the_request_through_loudly(frozen_redis, settings, caplog):
     settings.ORDER_CREATE_THROTTLE = "1/min"
-    throttle = project_settings._throttle_cache(frozen_redis)
-    with override_settings(CACHES={**settings.CACHES, "throttle": throttle}):
-        started = time.monotonic()
-        answers = [attempt().allowed, attempt().allowed]
-        seconds = time.monotonic() - started
+    settings.CACHES = {**settings.CACHES, "throttle": project_settings._throttle_cache(frozen_redis)}
+    started = time.monotonic()
+    answers = [attempt().allowed, attempt().allowed]
+    seconds = time.monotonic() - started
 
     assert answers == [True, True]
     # One socket timeout each (THROTTLE_REDIS_TIMEOUT_SECONDS, 0.5 s), no retries: a frozen Redis
