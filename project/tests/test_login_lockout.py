@@ -18,7 +18,7 @@ pytestmark = pytest.mark.django_db
 LOGIN = "/admin/login/"
 TOKEN = "/api/auth/token/"
 PASSWORD = "staff-password-1"  # conftest's staff_user
-LIMIT = 5  # settings.AXES_FAILURE_LIMIT's default
+LIMIT = 5  # AXES_FAILURE_LIMIT's default
 
 
 @pytest.fixture(autouse=True)
@@ -27,6 +27,9 @@ def quick_logins(settings):
     A fast password hash (autouse: before the users are made), or each login costs PBKDF2's second."""
     settings.TOKEN_OBTAIN_THROTTLE = None
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    # The defaults, whatever the environment running the tests says.
+    settings.AXES_FAILURE_LIMIT = LIMIT
+    settings.AXES_COOLOFF_TIME = timedelta(minutes=15)
 
 
 def admin_login(client, username: str, password: str, address: str = "192.0.2.1"):
@@ -53,7 +56,7 @@ def assert_locked_json(response) -> None:
     assert response["Content-Type"] == "application/json"
     body = response.json()
     assert set(body) == {"code", "detail"} and body["code"] == "locked_out", body
-    assert int(response["Retry-After"]) == 15 * 60  # AXES_COOLOFF_MINUTES' default
+    assert int(response["Retry-After"]) == 15 * 60  # the cool-off
 
 
 def test_the_admin_login_locks_a_user_out_after_the_failure_limit(client, staff_user):
@@ -119,6 +122,19 @@ def test_the_lock_lifts_after_the_cool_off(client, staff_user, settings):
 
     time.sleep(2.1)
 
+    assert logged_in(admin_login(client, "staff", PASSWORD))
+
+
+def test_a_login_during_the_lock_starts_the_cool_off_again(client, staff_user, settings):
+    settings.AXES_COOLOFF_TIME = timedelta(seconds=2)
+    for n in range(LIMIT):
+        admin_login(client, "staff", f"guess-{n}")
+
+    time.sleep(1.2)
+    assert admin_login(client, "staff", PASSWORD).status_code == 429  # refused, and counted as a failure
+    time.sleep(1.2)  # 2.4 s after the lock began, 1.2 s after that login
+    assert admin_login(client, "staff", PASSWORD).status_code == 429
+    time.sleep(2.1)
     assert logged_in(admin_login(client, "staff", PASSWORD))
 
 
