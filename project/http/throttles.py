@@ -82,9 +82,11 @@ class OrderCreateThrottle(SettingRateThrottle):
 class TokenObtainThrottle(SettingRateThrottle):
     """Every POST /api/auth/token/ counts, right password or wrong, per client address.
 
-    Per address rather than per username, so nobody can lock another user out
-    by failing their logins. The address is the connection's own unless
-    REST_FRAMEWORK["NUM_PROXIES"] says how many proxies' X-Forwarded-For to trust.
+    Per address rather than per username, so nobody can throttle another user
+    by failing their logins; django-axes's lockout, which does count per
+    username, lasts only its cool-off (docs/security.md). The address is the
+    connection's own unless REST_FRAMEWORK["NUM_PROXIES"] says how many
+    proxies' X-Forwarded-For to trust (`client_address`).
     """
 
     scope = "token_obtain"
