@@ -363,8 +363,10 @@ def test_flower_front_keeps_what_operators_watch(flower, path):
 
 def test_flower_front_keeps_the_tasks_pages_table(flower):
     """The Tasks page reads its table with a POST to /tasks/datatable, which is open (Flower answers it as a GET)."""
+    form = b"draw=1&start=0&length=10&order[0][column]=0&order[0][dir]=asc&columns[0][data]=name"
+
     status, _, text, _ = get(
-        flower["front"], "/tasks/datatable", method="POST", body=b"draw=1&start=0&length=10&order[0][column]=0&order[0][dir]=asc&columns[0][data]=name",
+        flower["front"], "/tasks/datatable", method="POST", body=form,
         headers=auth(**{"Content-Type": "application/x-www-form-urlencoded"}), timeout=10,
     )  # fmt: skip
 
