@@ -15,8 +15,8 @@
 #   NGINX_FLOWER_UPSTREAM       Flower's own address [127.0.0.1:5556]
 #   NGINX_CLIENT_MAX_BODY_SIZE  bytes [DATA_UPLOAD_MAX_MEMORY_SIZE, else 65536: Django's limit]
 #   NGINX_CONN_PER_ADDRESS      open requests per client address [32]
-#   NGINX_FORWARDED_PROTO       X-Forwarded-Proto sent to gunicorn ['$scheme'; behind a proxy
-#                               that terminates TLS and sets the header: '$http_x_forwarded_proto']
+#   NGINX_TRUST_FORWARDED_PROTO true: pass on the X-Forwarded-Proto of a load balancer in front
+#                               that terminates TLS and sets it; else nginx's own scheme [false]
 #   NGINX_WORKER_PROCESSES [1], NGINX_WORKER_CONNECTIONS [1024], NGINX_ACCESS_LOG [/dev/stdout]
 #   NGINX_VAR_DIR               rendered configuration, pid, temporary files [$ORDERFLOW_VAR_DIR/nginx]
 #   NGINX_BIN                   the nginx binary [nginx on PATH, else /usr/sbin/nginx]
@@ -32,7 +32,10 @@ templates="$root/deploy/nginx"
 : "${NGINX_FLOWER_UPSTREAM:=127.0.0.1:5556}"
 : "${NGINX_CLIENT_MAX_BODY_SIZE:=${DATA_UPLOAD_MAX_MEMORY_SIZE:-65536}}"
 : "${NGINX_CONN_PER_ADDRESS:=32}"
-: "${NGINX_FORWARDED_PROTO:=\$scheme}"
+case "${NGINX_TRUST_FORWARDED_PROTO:-false}" in
+    true | 1 | yes | on) NGINX_FORWARDED_PROTO='$http_x_forwarded_proto' ;;
+    *) NGINX_FORWARDED_PROTO='$scheme' ;;
+esac
 : "${NGINX_WORKER_PROCESSES:=1}"
 : "${NGINX_WORKER_CONNECTIONS:=1024}"
 : "${NGINX_ACCESS_LOG:=/dev/stdout}"
