@@ -6,7 +6,7 @@ scripts/nginx.sh), each on a free port, started as `make run` and
 docker-compose.yml start them. Slow clients connect to nginx's port; the only
 connections made straight to gunicorn are the control's, which shows the same
 attack does stall gunicorn alone. Flower is the Procfile's `flower` line
-(scripts/flower.sh) with basic auth, behind the same nginx.
+(scripts/flower.sh: basic auth, Flower's read-only mode) behind the same nginx.
 
 nginx is a Debian package (`make install-nginx`). Without it these tests are
 skipped, except in CI (CI=true), where they fail: CI installs it.
@@ -277,6 +277,8 @@ def flower(tmp_path_factory) -> Iterator[dict]:
         "SECRET_KEY": "",
         "DJANGO_SETTINGS_MODULE": "project.settings",
         "FLOWER_BASIC_AUTH": FLOWER_LOGIN,
+        # An operator's attempt to switch the read-only mode off: scripts/flower.sh's option wins.
+        "FLOWER_READ_ONLY": "false",
         # Its own broker folder: a task Flower sends in the control goes nowhere.
         "CELERY_BROKER_URL": "",
     }
@@ -317,13 +319,12 @@ RUN_AND_CONTROL = [
     "/api/worker/pool/grow/orders@host",
     "/api/worker/pool/restart/orders@host",
     "/api/worker/queue/cancel-consumer/orders@host",
-    # The same, spelled so that only a decoding, normalising proxy sees through it.
-    "/api/task/async%2Dapply/orders.order_compensate",
-    "//api/task/./async-apply/orders.order_compensate",
 ]
+# The same, spelled so that only a decoding, normalising proxy sees through it.
+RESPELLED = ["/api/task/async%2Dapply/orders.order_compensate", "//api/task/./async-apply/orders.order_compensate"]
 
 
-@pytest.mark.parametrize("path", RUN_AND_CONTROL)
+@pytest.mark.parametrize("path", RUN_AND_CONTROL + RESPELLED)
 def test_flower_refuses_running_and_controlling_through_the_front(flower, path):
     body = json.dumps({"args": [1], "kwargs": {"force": True}}).encode()
 
@@ -336,15 +337,18 @@ def test_flower_refuses_running_and_controlling_through_the_front(flower, path):
     assert b"read-only" in text
 
 
-def test_flower_itself_would_run_the_task_the_front_refuses(flower):
-    """The control: straight to Flower, the same login's async-apply is accepted (the fixture's private broker)."""
+@pytest.mark.parametrize("path", RUN_AND_CONTROL)
+def test_flower_itself_refuses_running_and_controlling(flower, path):
+    """Behind the front, Flower runs read-only too (scripts/flower.sh): its own port refuses the same calls."""
     status, _, text, _ = get(
-        flower["flower"], "/api/task/async-apply/orders.order_compensate", method="POST",
-        body=json.dumps({"args": [1]}).encode(), headers=auth(**{"Content-Type": "application/json"}), timeout=10,
+        flower["flower"], path, method="POST", body=json.dumps({"args": [1]}).encode(),
+        headers=auth(**{"Content-Type": "application/json"}), timeout=10,
     )  # fmt: skip
 
-    assert status == 200, text
-    assert "task-id" in json.loads(text)
+    assert status == 403, text
+    assert b"Read only mode is enabled" in text
+    # The same login reads: the 403 is the read-only mode's, not a failed login.
+    assert get(flower["flower"], "/api/workers", headers=auth(), timeout=10)[0] == 200
 
 
 @pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH"])
