@@ -224,15 +224,24 @@ def test_healthz_answers_through_nginx_while_slow_clients_hold_connections(front
 
 
 def test_control_the_same_slow_clients_straight_at_gunicorn_stall_it(front_door):
-    """Without nginx the attack works: what the test above shows is nginx's doing, not gunicorn's."""
+    """Without nginx the attack works: what the test above shows is nginx's doing, not gunicorn's.
+
+    Which of gunicorn's two processes accepts a connection is a race, and one may take nearly all
+    of them while the other still has free threads; so more slow clients than above, in waves, and
+    the control asks only that /healthz goes unanswered at least once in five tries (through
+    nginx, the test above requires an answer every time).
+    """
     gunicorn = front_door["gunicorn"]
     assert get(gunicorn, "/healthz")[0] == 200
-    slow = slow_headers(gunicorn, 2 * SLOW_CLIENTS)
+    slow = []
     try:
+        for _ in range(8):
+            slow += slow_headers(gunicorn, SLOW_CLIENTS // 2)
+            time.sleep(0.05)
         time.sleep(0.5)
-        probes = [get(gunicorn, "/healthz") for _ in range(3)]
-        assert [status for status, *_ in probes] == [None, None, None], (
-            "gunicorn answered /healthz while 32 clients trickled headers at it; the attack above tests nothing"
+        statuses = [get(gunicorn, "/healthz")[0] for _ in range(5)]
+        assert None in statuses, (
+            f"gunicorn answered /healthz every time while {len(slow)} clients trickled headers at it: {statuses}"
         )
     finally:
         for client in slow:
