@@ -245,7 +245,8 @@ run: not-running install-nginx migrate collectstatic seed superuser
 		front_door="nginx $$NGINX_LISTEN -> gunicorn $$NGINX_UPSTREAM (slow clients wait in nginx; Flower read-only)"; \
 	else \
 		unset NGINX_LISTEN ORDERFLOW_FLOWER_BACKEND_PORT; \
-		front_door="gunicorn itself, NO proxy: for this machine's own use only (make install-nginx as root adds it)"; \
+		why="ORDERFLOW_PROXY=$${ORDERFLOW_PROXY:-nginx}"; $(NGINX_FOUND) || why="nginx not installed: make install-nginx as root"; \
+		front_door="gunicorn itself, NO proxy: for this machine's own use only ($$why)"; \
 	fi; \
 	run_dir="$$var_dir/run"; \
 	conf="$$(sh scripts/supervisord/configure.sh "$$run_dir" "$$PORT")"; \

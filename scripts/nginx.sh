@@ -17,7 +17,8 @@
 #   NGINX_CONN_PER_ADDRESS      open requests per client address [32]
 #   NGINX_TRUST_FORWARDED_PROTO true: pass on the X-Forwarded-Proto of a load balancer in front
 #                               that terminates TLS and sets it; else nginx's own scheme [false]
-#   NGINX_WORKER_PROCESSES [1], NGINX_WORKER_CONNECTIONS [1024], NGINX_ACCESS_LOG [/dev/stdout]
+#   NGINX_WORKER_PROCESSES [1], NGINX_WORKER_CONNECTIONS [1024]
+#   NGINX_ACCESS_LOG            [/dev/stdout, or NGINX_VAR_DIR/access.log where stdout cannot be reopened]
 #   NGINX_VAR_DIR               rendered configuration, pid, temporary files [$ORDERFLOW_VAR_DIR/nginx]
 #   NGINX_BIN                   the nginx binary [nginx on PATH, else /usr/sbin/nginx]
 set -eu
@@ -39,6 +40,12 @@ esac
 : "${NGINX_WORKER_PROCESSES:=1}"
 : "${NGINX_WORKER_CONNECTIONS:=1024}"
 : "${NGINX_ACCESS_LOG:=/dev/stdout}"
+# nginx opens /dev/stdout anew, which fails when stdout belongs to another user (a file or pipe
+# of root's, under runuser or su): the access log then goes to a file.
+if [ "$NGINX_ACCESS_LOG" = /dev/stdout ] && [ ! -w /dev/stdout ]; then
+    NGINX_ACCESS_LOG="$NGINX_VAR_DIR/access.log"
+    echo "nginx.sh: $(id -un) cannot reopen stdout: access log in $NGINX_ACCESS_LOG" >&2
+fi
 # Run by root, nginx would hand its workers to `nobody`, who may not reach NGINX_VAR_DIR (a
 # checkout under a private home): its workers run as root then, like the rest of `make run`.
 # The image runs this as an unprivileged user (docker-compose.yml), where no `user` applies.

@@ -142,6 +142,7 @@ class SlowClient:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         self.sock.sendall(first)
         self.closed_at: float | None = None
+        self.received = b""
 
     def trickle(self, data: bytes) -> None:
         if self.closed_at is None:
@@ -154,7 +155,9 @@ class SlowClient:
         """Whether the server has closed (or reset) the connection; reads whatever it sent first."""
         while self.closed_at is None and select.select([self.sock], [], [], 0)[0]:
             try:
-                if not self.sock.recv(65536):
+                data = self.sock.recv(65536)
+                self.received += data
+                if not data:
                     self.closed_at = time.monotonic()
             except OSError:
                 self.closed_at = time.monotonic()
@@ -249,6 +252,27 @@ def test_control_the_same_slow_clients_straight_at_gunicorn_stall_it(front_door)
     wait_for(lambda: get(gunicorn, "/healthz")[0] == 200, timeout=30, what="gunicorn to recover")
 
 
+def test_one_address_gets_32_requests_at_once_and_health_probes_still_answer(front_door):
+    """limit_conn (NGINX_CONN_PER_ADDRESS, 32): more half-sent bodies than that from one address get
+    the API's JSON 429 at once; /healthz, from the same address, is never counted."""
+    front = front_door["front"]
+    slow = slow_bodies(front, 40)
+    try:
+        time.sleep(1)
+        for _ in range(3):
+            status, headers, _, seconds = get(front, "/healthz")
+            assert status == 200, f"/healthz: {status} after {seconds:.2f} s"
+            assert headers.get("Server") == "nginx"
+        for client in slow:
+            client.closed()
+        refused = [client.received for client in slow if client.received.startswith(b"HTTP/1.1 429")]
+        assert len(refused) == 40 - 32, [client.received[:12] for client in slow]
+        assert b'"code": "throttled"' in refused[0]
+    finally:
+        for client in slow:
+            client.close()
+
+
 def test_nginx_refuses_a_body_above_djangos_limit_in_the_apis_error_shape(front_door, settings):
     front = front_door["front"]
     limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
@@ -269,6 +293,24 @@ def test_nginx_refuses_a_body_above_djangos_limit_in_the_apis_error_shape(front_
     )  # fmt: skip
     assert status == 400, body
     assert json.loads(body)["code"] != "request_too_large"
+
+
+def test_nginx_answers_the_apis_json_503_while_gunicorn_is_down(tmp_path):
+    """The proxy alone, its gunicorn not started: /api/ gets the API's error shape and Retry-After."""
+    front = free_port()
+    processes = Processes(tmp_path, {**os.environ, "ORDERFLOW_VAR_DIR": str(tmp_path / "var")})
+    try:
+        processes.start("proxy", NGINX_LISTEN=f"127.0.0.1:{front}", NGINX_UPSTREAM=f"127.0.0.1:{free_port()}")
+        wait_for(lambda: processes.check_alive() or get(front, "/api/")[0], timeout=30, what="nginx")
+
+        status, headers, body, _ = get(front, "/api/orders/", timeout=10)
+
+        assert status == 503
+        assert headers["Content-Type"] == "application/json"
+        assert headers["Retry-After"] == "5"
+        assert json.loads(body)["code"] == "web_unavailable"
+    finally:
+        processes.stop()
 
 
 # --- Flower -----------------------------------------------------------------------------
