@@ -113,6 +113,12 @@ def front_door(tmp_path_factory) -> Iterator[dict]:
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         "ORDERFLOW_VAR_DIR": str(directory / "var"),
+        # The embedded default in its own folder: nothing here is about a database or a broker,
+        # and the suite's own (CI's PostgreSQL and RabbitMQ) stay untouched.
+        "DATABASE_URL": "",
+        "DATABASE_URL_INVENTORY": "",
+        "DATABASE_URL_REPORTS": "",
+        "CELERY_BROKER_URL": "",
         "SECRET_KEY": "",
         "DEBUG": "false",
         "DJANGO_SETTINGS_MODULE": "project.settings",
