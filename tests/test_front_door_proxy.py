@@ -71,6 +71,7 @@ class Processes:
         self.running: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, **env: str) -> None:
+        """Start the Procfile line `name` (KeyError if there is none) with `env` over the folder's environment."""
         log = open(self.directory / f"{name}.log", "ab")  # noqa: SIM115 (the child keeps it)
         self.running[name] = subprocess.Popen(
             ["sh", "-c", f"exec {procfile()[name]}"],
@@ -79,13 +80,16 @@ class Processes:
         log.close()
 
     def log(self, name: str) -> str:
+        """The last 3,000 characters of the process's output."""
         return (self.directory / f"{name}.log").read_text(errors="replace")[-3000:]
 
     def check_alive(self) -> None:
+        """AssertionError, with its output, if a started process has exited."""
         for name, process in self.running.items():
             assert process.poll() is None, f"{name} exited with {process.returncode}:\n{self.log(name)}"
 
     def stop(self) -> None:
+        """SIGTERM to each process's group, SIGKILL after 10 s (testing.terminate)."""
         for process in self.running.values():
             terminate(process, timeout=10)
 
@@ -361,6 +365,7 @@ def flower(tmp_path_factory) -> Iterator[dict]:
 
 
 def auth(**extra: str) -> dict[str, str]:
+    """Request headers with the fixture's Flower login (basic auth), plus `extra`."""
     return {"Authorization": "Basic " + base64.b64encode(FLOWER_LOGIN.encode()).decode(), **extra}
 
 
