@@ -18,7 +18,7 @@ RUN pip install -r requirements.txt
 
 COPY . .
 
-# Static files are collected at build time and served by whitenoise. The
+# Static files are collected at build time and served by whitenoise (nginx buffers them). The
 # throwaway SECRET_KEY and in-memory broker keep settings from writing a
 # secret or broker folders into the image.
 RUN SECRET_KEY=collectstatic-only CELERY_BROKER_URL=memory:// python manage.py collectstatic --noinput --verbosity 0 \
@@ -29,5 +29,6 @@ RUN SECRET_KEY=collectstatic-only CELERY_BROKER_URL=memory:// python manage.py c
 # var/ holds what a process writes at run time (beat's schedule file).
 USER orderflow
 
+# gunicorn serves the proxy (docker-compose.yml's `proxy`, nginx), never clients directly.
 EXPOSE 8000
 CMD ["gunicorn", "project.wsgi", "--bind", "0.0.0.0:8000", "--threads", "4", "--access-logfile", "-", "--error-logfile", "-", "--no-control-socket"]

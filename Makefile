@@ -1,6 +1,6 @@
 # orderflow: set up, run and test from a fresh checkout (see README.md).
 #
-#   make run    .venv + requirements.txt, migrate, seed, then web + workers + beat + Flower (Ctrl-C stops all)
+#   make run    .venv + requirements.txt, nginx, migrate, seed, then nginx + web + workers + beat + Flower (Ctrl-C stops all)
 #   make test   .venv + requirements-dev.txt, then the whole test suite (PYTEST_ARGS="-x -k saga" narrows it)
 #   make docs   .venv + requirements-docs.txt, then the documentation site into site/ (mkdocs build --strict)
 #
@@ -36,16 +36,17 @@ export PYTHONUNBUFFERED := 1
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help install install-dev install-bench install-docs run status not-running test bench docs browser-deps lint format migrate createdb collectstatic seed superuser clean distclean
+.PHONY: help install install-dev install-bench install-docs install-nginx run status not-running test bench docs browser-deps lint format migrate createdb collectstatic seed superuser clean distclean
 
 help:
-	@echo "make run        install, migrate, seed demo data, then run web + workers + beat + Flower"
+	@echo "make run        install, migrate, seed demo data, then run nginx + web + workers + beat + Flower"
 	@echo "                (PORT=$${PORT:-8000}, FLOWER_PORT=$${FLOWER_PORT:-5555}; Ctrl-C stops everything)"
 	@echo "make status     the processes of a running make run (CMD=\"restart worker_inventory\": another supervisorctl command)"
 	@echo "make test       install the dev tools, then run the test suite (PYTEST_ARGS=... passes options to pytest)"
 	@echo "make docs       install the docs tools, then build the site into site/ (mkdocs build --strict)"
 	@echo "make bench      the benchmark (bench/): ARGS=\"--orders 200 --spawn --baseline\" passes options to bench_orders"
 	@echo "make browser-deps  apt-get install Debian's chromium + chromium-driver (tests/browser) and faketime (a drill) as root"
+	@echo "make install-nginx apt-get install Debian's nginx and gettext-base (the front door, scripts/nginx.sh) as root"
 	@echo "make lint       ruff check + ruff format --check + lint-imports (service boundaries, .importlinter)"
 	@echo "make format     ruff check --fix + ruff format"
 	@echo "make migrate    create the PostgreSQL database(s) if missing, migrate every database alias"
@@ -89,6 +90,21 @@ install: $(STAMP)
 install-dev: $(DEV_STAMP)
 install-bench: $(BENCH_STAMP)
 install-docs: $(DOCS_STAMP)
+
+# The front door (scripts/nginx.sh, deploy/nginx/): Debian's nginx package (bookworm's 1.22.1, the
+# series docker-compose.yml's image pins) and envsubst (gettext-base), installed when missing.
+# Not root: says how, and make run serves without the proxy (its banner says so).
+NGINX_FOUND = { command -v nginx || test -x /usr/sbin/nginx; } >/dev/null 2>&1 && command -v envsubst >/dev/null 2>&1
+install-nginx:
+	@if $(NGINX_FOUND); then \
+		echo "install-nginx: $$("$$(command -v nginx || echo /usr/sbin/nginx)" -v 2>&1) and envsubst are installed"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nginx gettext-base; \
+	else \
+		echo "install-nginx: not root; install Debian's nginx and gettext-base packages:"; \
+		echo "    sudo apt-get update && sudo apt-get install -y --no-install-recommends nginx gettext-base"; \
+		echo "install-nginx: until then make run serves gunicorn directly (for this machine's own use) and the proxy tests are skipped"; \
+	fi
 
 # --- helpers (Python run with Django set up) -----------------------------------------
 
@@ -201,7 +217,12 @@ superuser: migrate
 # (base + 100 each), so web is the Procfile's first line; .env is already merged into the environment.
 # Flower always runs behind basic auth: without FLOWER_BASIC_AUTH, a credential is generated
 # once into $ORDERFLOW_VAR_DIR/flower_basic_auth (mode 600) and shown in the ready banner.
-run: not-running migrate collectstatic seed superuser
+# The front door: with nginx installed (install-nginx), the Procfile's `proxy` listens where clients
+# connect (WEB_BIND, else 127.0.0.1:PORT; FLOWER_ADDRESS:FLOWER_PORT) and gunicorn and Flower move
+# behind it to loopback ports (WEB_BACKEND_PORT, PORT + 1; ORDERFLOW_FLOWER_BACKEND_PORT, FLOWER_PORT + 1).
+# Without nginx, or with ORDERFLOW_PROXY=off, gunicorn and Flower serve clients themselves and
+# the banner says that this is for the machine's own use (docs/security.md, "The front door").
+run: not-running install-nginx migrate collectstatic seed superuser
 	@$(LOAD_DOTENV); \
 	export PORT="$${PORT:-8000}" FLOWER_PORT="$${FLOWER_PORT:-5555}"; \
 	var_dir="$${ORDERFLOW_VAR_DIR:-$(CURDIR)/var}"; \
@@ -215,6 +236,18 @@ run: not-running migrate collectstatic seed superuser
 		export FLOWER_BASIC_AUTH="$$(cat "$$auth_file")"; \
 		flower_login="$$FLOWER_BASIC_AUTH (kept in $$auth_file)"; \
 	fi; \
+	if [ "$${ORDERFLOW_PROXY:-nginx}" = nginx ] && $(NGINX_FOUND); then \
+		export NGINX_LISTEN="$${WEB_BIND:-127.0.0.1:$$PORT}" NGINX_UPSTREAM="127.0.0.1:$${WEB_BACKEND_PORT:-$$((PORT + 1))}"; \
+		export WEB_BIND="$$NGINX_UPSTREAM" ORDERFLOW_FLOWER_BACKEND_PORT="$${ORDERFLOW_FLOWER_BACKEND_PORT:-$$((FLOWER_PORT + 1))}"; \
+		export NGINX_FLOWER_LISTEN="$${FLOWER_ADDRESS:-127.0.0.1}:$$FLOWER_PORT" NGINX_FLOWER_UPSTREAM="127.0.0.1:$$ORDERFLOW_FLOWER_BACKEND_PORT"; \
+		export NUM_PROXIES="$${NUM_PROXIES:-1}"; \
+		sh scripts/nginx.sh -t; \
+		front_door="nginx $$NGINX_LISTEN -> gunicorn $$NGINX_UPSTREAM (slow clients wait in nginx; Flower read-only)"; \
+	else \
+		unset NGINX_LISTEN ORDERFLOW_FLOWER_BACKEND_PORT; \
+		why="ORDERFLOW_PROXY=$${ORDERFLOW_PROXY:-nginx}"; $(NGINX_FOUND) || why="nginx not installed: make install-nginx as root"; \
+		front_door="gunicorn itself, NO proxy: for this machine's own use only ($$why)"; \
+	fi; \
 	run_dir="$$var_dir/run"; \
 	conf="$$(sh scripts/supervisord/configure.sh "$$run_dir" "$$PORT")"; \
 	web="http://127.0.0.1:$$PORT"; \
@@ -225,6 +258,7 @@ run: not-running migrate collectstatic seed superuser
 		"  admin       $$web/admin/" \
 		"  API         $$web/api/   (docs: $$web/api/docs/)" \
 		"  health      $$web/healthz   $$web/readyz" \
+		"  front door  $$front_door" \
 		"  Flower      http://127.0.0.1:$$FLOWER_PORT/   login $$flower_login" \
 		"  processes   make status   (or $(VENV)/bin/supervisorctl -c $$conf status)" \
 		"")"; \

@@ -7,7 +7,12 @@ run_dir=$1
 port=$2
 here=$(dirname "$0")
 mkdir -p "$run_dir"
-out=$(honcho export -f Procfile -e /dev/null -p "$port" -a orderflow -l "$run_dir" -t "$here" supervisord "$run_dir" 2>&1) || {
+# The Procfile's `proxy` (nginx in front of web and Flower) only where make run has set it up
+# (NGINX_LISTEN, with web and Flower moved behind it); otherwise web serves clients itself.
+concurrency=""
+[ -n "${NGINX_LISTEN:-}" ] || concurrency="-c proxy=0"
+# shellcheck disable=SC2086 # concurrency: no option, or one option and its value
+out=$(honcho export -f Procfile -e /dev/null -p "$port" -a orderflow -l "$run_dir" -t "$here" $concurrency supervisord "$run_dir" 2>&1) || {
     echo "$out" >&2
     exit 1
 }
