@@ -24,7 +24,7 @@ from orders.models import CancelledOrder, Order, OrderLine
 from orders.saga import compensation_saga, order_saga
 from project.celery import app
 from reports.models import ProductReport, ReportedOrder
-from testing import wait_for
+from testing import signed, wait_for
 
 pytestmark = [pytest.mark.saga, pytest.mark.timeout(180)]
 
@@ -70,9 +70,9 @@ def report(product) -> ProductReport:
 
 
 def send(task_name: str, /, **kwargs) -> str:
-    """Publish one task message, as a duplicate or out-of-order delivery would arrive."""
+    """Publish one task message, signed as orderflow signs it: a duplicate or an out-of-order delivery."""
     task_id = str(uuid.uuid4())
-    app.send_task(task_name, kwargs=kwargs, task_id=task_id)
+    app.send_task(task_name, kwargs=signed(task_name, kwargs), task_id=task_id)
     return task_id
 
 
