@@ -24,7 +24,7 @@ from orders.models import CancelledOrder, Order, OrderLine
 from orders.saga import compensation_saga, order_saga
 from project.celery import app
 from reports.models import ProductReport, ReportedOrder
-from testing import signed, wait_for
+from testing import proved, signed, wait_for
 
 pytestmark = [pytest.mark.saga, pytest.mark.timeout(180)]
 
@@ -422,7 +422,10 @@ def test_bad_lines_for_a_valid_order_are_refused_and_compensated(workers, user, 
     OrderLine.objects.create(order=order, product_id=product.pk, product_name=product.name, unit_price=product.price,
                              quantity=1)  # fmt: skip
     saga = order_saga(order)
-    saga.tasks[0].kwargs["lines"] = [{"product": product.pk, "quantity": "lots"}]
+    # Signed again, as a sender that built bad lines would sign them: the step's own parsing is under test.
+    reserve = saga.tasks[0]
+    bad = {**proved(reserve.task, reserve.kwargs), "lines": [{"product": product.pk, "quantity": "lots"}]}
+    reserve.kwargs.update(signed(reserve.task, bad))
 
     saga.apply_async()
 
