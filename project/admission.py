@@ -112,6 +112,14 @@ def _message_parts(message: Any) -> tuple[str, Any, Any, str]:
     return str(body.get("id")), body.get("args"), body.get("kwargs"), "unknown"
 
 
+def _order_id(args: Any, kwargs: Any) -> int | None:
+    """The order a message names (keyword ``order_id``, or the first positional argument), for the log."""
+    value = kwargs.get("order_id") if isinstance(kwargs, dict) else None
+    if value is None and isinstance(args, list | tuple) and args:
+        value = args[0]
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def admit(consumer: Any, name: str, strategy: Callable[..., Any]) -> Callable[..., Any]:
     """`strategy` (a task's message handler), preceded by the checks of `refusal`."""
     task = consumer.app.tasks[name]
@@ -126,7 +134,8 @@ def admit(consumer: Any, name: str, strategy: Callable[..., Any]) -> Callable[..
         logger.error(
             "refused %s[%s] from queue %s (sent by %s): %s; not run, not requeued",
             name, task_id, queue, sender, reason,
-            extra={"task_name": name, "task_id": task_id, "queue": queue, "refusal": reason},
+            extra={"task_name": name, "task_id": task_id, "order_id": _order_id(args, kwargs), "queue": queue,
+                   "sender": sender, "refusal": reason},
         )  # fmt: skip
         message.reject_log_error(logger, consumer.connection_errors, requeue=False)
         if consumer.event_dispatcher is not None and consumer.event_dispatcher.enabled:
