@@ -28,6 +28,7 @@ declare none) and the file broker deletes it, so it is not delivered again.
 """
 
 import logging
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -99,17 +100,30 @@ def refusal(task: Any, name: str, *, queue: str | None, services: frozenset[str]
     return None
 
 
+def _printable(value: Any) -> str:
+    """A header value fit for one log line: a forger chooses it, so no newline and no screenful."""
+    text = str(value)
+    return text if _PLAIN.fullmatch(text) else repr(text)[:100]
+
+
+_PLAIN = re.compile(r"[\w.@:+-]{1,100}")
+
+
 def _message_parts(message: Any) -> tuple[str, Any, Any, str]:
-    """(task id, args, kwargs, sender) of a task message, in Celery's protocol 2 or 1."""
+    """(task id, args, kwargs, sender) of a task message, in Celery's protocol 2 or 1.
+
+    The sender is what the message says (Celery's ``origin`` header, ``gen<pid>@<host>``
+    of the publishing process); a forger can write anything there.
+    """
     headers = message.headers or {}
     if "id" in headers:  # protocol 2: [args, kwargs, embed] in the body
         body = message.payload
         args, kwargs = (body[0], body[1]) if isinstance(body, list | tuple) and len(body) >= 2 else (None, None)
-        return str(headers["id"]), args, kwargs, str(headers.get("origin") or "unknown")
+        return _printable(headers["id"]), args, kwargs, _printable(headers.get("origin") or "unknown")
     body = message.payload  # protocol 1: everything in the body
     if not isinstance(body, dict):
         return "unknown", None, None, "unknown"
-    return str(body.get("id")), body.get("args"), body.get("kwargs"), "unknown"
+    return _printable(body.get("id")), body.get("args"), body.get("kwargs"), "unknown"
 
 
 def _order_id(args: Any, kwargs: Any) -> int | None:
@@ -139,7 +153,7 @@ def admit(consumer: Any, name: str, strategy: Callable[..., Any]) -> Callable[..
         )  # fmt: skip
         message.reject_log_error(logger, consumer.connection_errors, requeue=False)
         if consumer.event_dispatcher is not None and consumer.event_dispatcher.enabled:
-            consumer.event_dispatcher.send("task-rejected", uuid=task_id, requeue=False)  # Flower shows it so
+            consumer.event_dispatcher.send("task-rejected", uuid=task_id, requeue=False)  # as Request.reject does
         return None
 
     handler.admitted = True

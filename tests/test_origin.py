@@ -153,6 +153,12 @@ def test_worker_services_come_from_the_queues_or_the_setting(settings):
     assert admission.worker_services(["logtest-1"]) == {"orders"}
 
 
+def test_what_a_forger_writes_in_the_headers_stays_on_one_log_line():
+    assert admission._printable("gen42@web-1") == "gen42@web-1"
+    assert admission._printable("x\nERROR orderflow: fake line") == repr("x\nERROR orderflow: fake line")
+    assert len(admission._printable("a" * 10_000)) == 100
+
+
 # --- with the real workers ----------------------------------------------------------------------
 
 
@@ -257,6 +263,26 @@ def test_a_forged_stock_reserve_for_an_order_nobody_placed_holds_nothing(workers
 
 
 @pytest.mark.saga
+def test_a_forged_message_in_celerys_older_protocol_is_refused_too(workers, user, make_product):
+    """Protocol 1 carries the task name, id and arguments in the body; workers still take it (proto1_to_proto2)."""
+    product = make_product(stock=5)
+    order_id = confirmed_order(user, product)
+    task_id = str(uuid.uuid4())
+    body = {"task": "inventory.stock_release", "id": task_id, "args": [], "kwargs": {"order_id": order_id}}
+
+    with app.producer_or_acquire() as producer:
+        producer.publish(body, exchange=settings.CELERY_TASK_DEFAULT_QUEUE, routing_key="inventory.compensation",
+                         serializer="json", delivery_mode=2)  # fmt: skip
+
+    line = wait_refused(workers, "inventory", task_id)
+    assert "refused inventory.stock_release" in line and "no proof of origin" in line
+    time.sleep(1)
+    assert len(refusals(workers, "inventory", task_id)) == 1
+    assert Product.objects.get(pk=product.pk).stock == 3
+    assert StockReservation.objects.filter(order_id=order_id, released_at=None).count() == 1
+
+
+@pytest.mark.saga
 def test_flowers_async_apply_of_a_forced_compensation_is_refused(workers, user, make_product):
     """What Flower's POST /api/task/async-apply/orders.order_compensate publishes: Task.apply_async, no proof."""
     product = make_product(stock=5)
@@ -291,7 +317,7 @@ def test_what_orderflow_sends_itself_runs_everywhere_with_nothing_refused(worker
     assert Order.objects.get(pk=confirmed).status == "confirmed"
     assert Product.objects.get(pk=product.pk).stock == 1
     for queue in settings.SERVICE_QUEUES:
-        assert "refused" not in workers.log(queue), workers.log(queue)[-2000:]
+        assert "orderflow.admission: refused" not in workers.log(queue), workers.log(queue)[-2000:]
         assert f"this worker runs the tasks of: {queue}" in workers.session_log(queue)
     assert audit() == []
 
