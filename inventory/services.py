@@ -21,6 +21,7 @@ from django.utils import timezone
 from project.celery import app
 from project.db import Statement, after_commit, claim_row, service_db
 from project.http.errors import Conflict
+from project.origin import signed_kwargs
 from project.saga import SagaAborted, step_lines
 
 from .exceptions import (
@@ -55,7 +56,8 @@ def _announce(product: Product) -> None:
     # robust: a broker outage must not turn a committed change into a 500; the
     # reports row is also created by the first sale, and the next change
     # re-announces the product.
-    after_commit(_db(), app.send_task, "reports.product_sync", kwargs=event, robust=True)
+    kwargs = signed_kwargs("reports.product_sync", kwargs=event)  # reports runs it only so (project/origin.py)
+    after_commit(_db(), app.send_task, "reports.product_sync", kwargs=kwargs, robust=True)
 
 
 def product_create(*, sku: str, name: str, price: Decimal, stock: int = 0, active: bool = True) -> Product:

@@ -9,14 +9,16 @@ from celery import chain
 from celery.canvas import Signature
 
 from project.celery import app
+from project.origin import signed_kwargs
 from project.saga import deadline_context
 
 from .models import Order, OrderLine
 
 
 def _step(name: str, **kwargs) -> Signature:
-    # Immutable: a step gets its own JSON arguments, never the previous result.
-    return app.signature(name, kwargs=kwargs, immutable=True)
+    # Immutable: a step gets its own JSON arguments, never the previous result. Signed:
+    # the step's worker runs it only with this proof that orders sent it (project/origin.py).
+    return app.signature(name, kwargs=signed_kwargs(name, kwargs=kwargs), immutable=True)
 
 
 def order_saga(order: Order, lines: list[OrderLine] | None = None) -> Signature:

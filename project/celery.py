@@ -8,6 +8,8 @@ from celery.signals import beat_init, celeryd_after_setup, task_postrun, task_pr
 from django.conf import settings
 from django.db import connections
 
+from project.admission import Admission
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 
 # Every publish (a task from the web, a chain's next step, a retry, a compensation, beat's
@@ -17,6 +19,9 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 # Every installed app's tasks.py: the services', and bench's floor tasks only where
 # the benchmark is installed (ORDERFLOW_BENCH=1).
 app.autodiscover_tasks()
+# A worker runs only its own services' tasks, their steps only with proof of origin
+# (project/admission.py): checked as each message arrives, before anything runs.
+app.steps["consumer"].add(Admission)
 
 
 def _recycle_db_connections() -> None:

@@ -418,6 +418,16 @@ CELERY_TASK_QUEUES = [
     Queue(name, routing_key=name, durable=True) for name in (*SERVICE_QUEUES, *COMPENSATION_QUEUES.values())
 ]
 CELERY_TASK_DEFAULT_QUEUE = "orders"
+# --- Which worker runs which task (project/admission.py, docs/security.md) -----------
+# A worker runs only the tasks of the services whose queues it consumes (`-Q inventory`:
+# inventory's); WORKER_SERVICES names them instead, for a worker on a queue of no service.
+# A task of another service that arrives on its queue is refused (logged, not run, not
+# requeued), and so is a saga step without a valid proof of origin (project/origin.py,
+# an HMAC keyed by SECRET_KEY, which every process must therefore share).
+WORKER_SERVICES = env.list("WORKER_SERVICES", default=[])
+if set(WORKER_SERVICES) - set(SERVICE_QUEUES):
+    raise ValueError(f"WORKER_SERVICES={','.join(WORKER_SERVICES)}: expected names among {', '.join(SERVICE_QUEUES)}")
+# --- end of which worker runs which task ------------------------------------------------
 # Exact task names win over the patterns (celery.app.routes.MapRoute).
 CELERY_TASK_ROUTES = {
     **{

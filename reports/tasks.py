@@ -27,7 +27,8 @@ def sale_revert(self, order_id, **saga):
     return self.run_step(order_id, lambda: services.sale_revert(order_id=order_id), **saga)
 
 
-@shared_task(bind=True, name="reports.product_sync", acks_late=True, max_retries=10)
+# requires_origin: run only with inventory's proof that it sent the event (project/admission.py).
+@shared_task(bind=True, name="reports.product_sync", acks_late=True, max_retries=10, requires_origin=True)
 def product_sync(self, product_id=None, name=None, version=None, **extra):
     try:
         positive_int(product_id, "product_id")

@@ -18,6 +18,7 @@ from inventory.exceptions import StockRefused, UnknownProduct
 from inventory.models import OrderReservation, Product, StockReservation
 from project.db import service_db
 from project.saga import InvalidMessage, SagaAborted
+from testing import proved
 
 pytestmark = pytest.mark.django_db
 
@@ -353,7 +354,7 @@ def test_product_create_announces_on_commit(django_capture_on_commit_callbacks):
 
     assert len(callbacks) == 1
     assert callbacks[0].args == ("reports.product_sync",)
-    assert callbacks[0].keywords["kwargs"] == {
+    assert proved("reports.product_sync", callbacks[0].keywords["kwargs"]) == {
         "product_id": product.pk,
         "sku": "ANN-1",
         "name": "Announced",

@@ -32,6 +32,7 @@ from project.http.errors import Conflict, InvalidInput
 from project.saga import SagaAborted
 from reports import services as reports_services
 from reports.public import units_sold_by_product
+from testing import proved
 
 pytestmark = pytest.mark.django_db
 
@@ -341,7 +342,7 @@ def test_order_compensate_marks_a_pending_order_and_publishes_compensation(
     assert len(callbacks) == 1
     compensation = chain_of(callbacks[0])
     assert step_names(compensation) == COMPENSATION_STEPS
-    assert all(step.kwargs == {"order_id": order.pk} for step in compensation.tasks)
+    assert all(proved(step.task, step.kwargs) == {"order_id": order.pk} for step in compensation.tasks)
 
 
 def test_order_compensate_leaves_a_confirmed_order_unless_forced(
@@ -721,12 +722,12 @@ def test_order_saga_is_a_chain_of_immutable_steps_with_json_arguments(user, make
     assert all(step.args == () for step in saga.tasks)
     reserve_step, record_step, confirm_step = saga.tasks
     context = {"placed_at": order.created_at.timestamp(), "deadline": order.created_at.timestamp() + 3 * 3600}
-    assert reserve_step.kwargs == {
+    assert proved(reserve_step.task, reserve_step.kwargs) == {
         **context,
         "order_id": order.pk,
         "lines": [{"product": a.pk, "quantity": 3}, {"product": b.pk, "quantity": 1}],
     }
-    assert record_step.kwargs == {
+    assert proved(record_step.task, record_step.kwargs) == {
         **context,
         "order_id": order.pk,
         "lines": [
@@ -734,7 +735,7 @@ def test_order_saga_is_a_chain_of_immutable_steps_with_json_arguments(user, make
             {"product": b.pk, "quantity": 1, "unit_price": "1.00", "product_name": "Bread"},
         ],
     }
-    assert confirm_step.kwargs == {**context, "order_id": order.pk}
+    assert proved(confirm_step.task, confirm_step.kwargs) == {**context, "order_id": order.pk}
     for step in saga.tasks:
         assert json.loads(json.dumps(step.kwargs)) == step.kwargs
     # the whole canvas goes through the broker's serializer unchanged
@@ -762,7 +763,7 @@ def test_compensation_saga_is_a_chain_of_immutable_undos():
     saga = compensation_saga(42)
 
     assert step_names(saga) == COMPENSATION_STEPS
-    assert all(step.immutable and step.kwargs == {"order_id": 42} for step in saga.tasks)
+    assert all(step.immutable and proved(step.task, step.kwargs) == {"order_id": 42} for step in saga.tasks)
     assert "link_error" not in saga.options
 
 

@@ -41,6 +41,7 @@ from kombu.exceptions import OperationalError as BrokerOperationalError
 from project.db.errors import database_fault
 from project.http.errors import ApplicationError
 from project.lines import InvalidLines, NotPositiveInt, OrderLines, positive_int
+from project.origin import signed_kwargs
 
 from . import faults
 
@@ -162,6 +163,8 @@ class SagaStep(Task):
     default_retry_delay = settings.SAGA_RETRY_BACKOFF_SECONDS
     # Business errors are expected outcomes: logged without a traceback.
     throws = (ApplicationError,)
+    # A worker runs a step only with a proof that orderflow sent it (project/admission.py).
+    requires_origin = True
 
     #: service function that records why this step failed for an order
     #: (keyword arguments order_id, reason), in the step's own database.
@@ -267,9 +270,9 @@ class SagaStep(Task):
         self.request.chain = None
         self.request.errbacks = None  # the reason travels in our own message (messages from older chains had one)
         if self.compensates:
-            compensation = self.app.signature(
-                "orders.order_compensate", args=(order_id,), kwargs={"failure": reason}, immutable=True
-            )
+            name, args = "orders.order_compensate", (order_id,)
+            kwargs = signed_kwargs(name, args, {"failure": reason})
+            compensation = self.app.signature(name, args=args, kwargs=kwargs, immutable=True)
             try:
                 self.publish(compensation)
             except BROKER_ERRORS as publish_error:

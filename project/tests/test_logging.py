@@ -18,7 +18,7 @@ from kombu import Queue
 from project.celery import app
 from project.logging import JsonFormatter, RoutineTaskFilter, TaskContextFilter
 from project.saga import SagaStep
-from testing import BASE_DIR, Workers, wait_for
+from testing import BASE_DIR, Workers, signed, wait_for
 
 REQUIRED = {"timestamp", "level", "logger", "message"}
 
@@ -172,6 +172,7 @@ def test_gunicorn_logs_json_lines_including_its_access_log(tmp_path):
 def test_a_real_worker_logs_the_task_order_and_step(transactional_db, tmp_path, monkeypatch):
     """A worker process with LOG_FORMAT=json, on a queue of its own, running a real saga step."""
     monkeypatch.setenv("LOG_FORMAT", "json")
+    monkeypatch.setenv("WORKER_SERVICES", "orders")  # its queue is no service's (project/admission.py)
     queue = f"logtest-{uuid.uuid4().hex[:8]}"
     workers = Workers(tmp_path)
     workers.start(queue, concurrency=1)
@@ -179,7 +180,8 @@ def test_a_real_worker_logs_the_task_order_and_step(transactional_db, tmp_path, 
         workers.wait_ready(queue)
         # No such order: the step logs that it skipped and stops, writing nothing.
         task_id = str(uuid.uuid4())
-        app.send_task("orders.order_confirm", kwargs={"order_id": 987654}, task_id=task_id, queue=Queue(queue))
+        kwargs = signed("orders.order_confirm", {"order_id": 987654})
+        app.send_task("orders.order_confirm", kwargs=kwargs, task_id=task_id, queue=Queue(queue))
 
         def step_logged():
             for line in workers.log(queue).splitlines():

@@ -25,6 +25,7 @@ from inventory.models import OrderReservation
 from project.celery import app as celery_app
 from project.http.errors import ApplicationError
 from project.saga import InvalidMessage, SagaAborted, SagaStep, backoff_seconds, faults, order_id_arg
+from testing import proved
 
 BASE_DIR = Path(__file__).resolve().parents[2]
 
@@ -102,11 +103,13 @@ def step(settings, monkeypatch):
     task = celery_app.tasks["inventory.stock_reserve"]
     assert isinstance(task, SagaStep)
     published = []  # (task name, kwargs, options): what the step would have sent, not sent
+    messages = []  # the same, as the signatures themselves
 
     def publish(message, **options):
         if run.broker_down:
             raise BrokerOperationalError("broker unreachable")
         published.append((message.task, dict(message.kwargs), {**message.options, **options}))
+        messages.append(message)
 
     monkeypatch.setattr(task, "publish", publish)
 
@@ -119,6 +122,7 @@ def step(settings, monkeypatch):
 
     run.task = task
     run.published = published
+    run.messages = messages
     run.broker_down = False
     return run
 
@@ -151,7 +155,12 @@ def test_run_step_turns_saga_aborted_into_ignore(step):
 
 
 def compensations(step) -> list[dict]:
-    return [kwargs for name, kwargs, _ in step.published if name == "orders.order_compensate"]
+    """The keyword arguments of the compensations the step published, each after checking its proof of origin."""
+    return [
+        proved(message.task, message.kwargs, message.args)
+        for message in step.messages
+        if message.task == "orders.order_compensate"
+    ]
 
 
 @pytest.mark.django_db
