@@ -97,6 +97,12 @@ def stock_api(api_with) -> APIClient:
     return api_with("inventory.add_product", "inventory.change_product")
 
 
+@pytest.fixture
+def reports_api(api_with) -> APIClient:
+    """An API client allowed to read the sales totals (reports.view_productreport)."""
+    return api_with("reports.view_productreport")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_throttle_history():
     """The order-create throttle keeps its history in a file cache: no test inherits another's."""

@@ -218,7 +218,9 @@ class OrderCancelApi(APIView):
         if found is None:
             raise NotFound(f"No order {order_id}.")
         if not permissions.may_cancel(request.user, found):
-            raise exceptions.PermissionDenied("Cancelling another user's order needs the permission orders.change_order.")
+            raise exceptions.PermissionDenied(
+                "Cancelling another user's order needs the permission orders.change_order."
+            )
         if isinstance(found, CancelledOrder):
             return Response(represent(CancelledOrderOutputSerializer, found), status=status.HTTP_200_OK)
         services.order_cancel(order=found)
