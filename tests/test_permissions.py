@@ -118,7 +118,9 @@ def read_page() -> tuple[list[Role], list[tuple[Call, dict[str, Expected]]]]:
     matrix = []
     for row in rows:
         assert len(row) == len(header), row
-        matrix.append((parse_call(row[0]), {role.name: parse_expected(cell) for role, cell in zip(roles, row[1:])}))
+        matrix.append(
+            (parse_call(row[0]), {role.name: parse_expected(cell) for role, cell in zip(roles, row[1:], strict=True)})
+        )
     return roles, matrix
 
 
@@ -215,15 +217,10 @@ def test_the_permission_matrix(call: Call, role: Role, expected: Expected, world
         assert response.json()["code"] == ERROR_CODES[expected.status]
     if expected.whose is not None:
         cancelled = "status=cancelled" in call.path
-        own, every = (
-            (world.own_cancelled, world.all_cancelled) if cancelled else (world.own_live, world.all_live)
-        )
+        own, every = (world.own_cancelled, world.all_cancelled) if cancelled else (world.own_live, world.all_live)
         assert {row["id"] for row in response.json()["results"]} == (own if expected.whose == "own" else every)
-    accepted_write = call.method in WRITES and expected.status in (201, 202) or (call.method, expected.status) == (
-        "PATCH",
-        200,
-    )
-    if accepted_write:
+    changed = expected.status in (201, 202) or (call.method, expected.status) == ("PATCH", 200)
+    if call.method in WRITES and changed:
         assert snapshot() != before
     else:
         assert snapshot() == before
