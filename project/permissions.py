@@ -34,8 +34,9 @@ def has_model_permission(user: AbstractBaseUser | AnonymousUser, app_label: str,
     admin's ModelAdmin.has_view_permission grants it. Raises ValueError for
     an unknown action.
     """
+    name = permission_name(app_label, model, action)  # a typo is an error for everyone, not a quiet "no"
     if not user.is_authenticated:
         return False
-    if user.has_perm(permission_name(app_label, model, action)):
+    if user.has_perm(name):
         return True
     return action == "view" and user.has_perm(permission_name(app_label, model, "change"))
