@@ -224,15 +224,20 @@ class OrderCancelApi(APIView):
         if isinstance(found, CancelledOrder):
             return Response(represent(CancelledOrderOutputSerializer, found), status=status.HTTP_200_OK)
         services.order_cancel(order=found)
-        # Compensation may already have deleted it: answer with what is there now.
-        now = selectors.order_or_cancelled(user=request.user, order_id=order_id)
-        if now is None:
-            # Deleted, and its record is not this user's to see (orders.view_cancelledorder): the order as
-            # order_cancel committed it, `cancelling`.
-            found.status = Order.Status.CANCELLING
-            now = found
-        if isinstance(now, CancelledOrder):
-            data = represent(CancelledOrderOutputSerializer, now)
-        else:
-            data = represent(OrderOutputSerializer, now)
-        return Response(data, status=status.HTTP_202_ACCEPTED)
+        return Response(cancelled_as_seen_by(request.user, found), status=status.HTTP_202_ACCEPTED)
+
+
+def cancelled_as_seen_by(user, order: Order) -> dict:
+    """What the cancel's 202 shows `user` of `order` (which order_cancel has marked `cancelling`): as it is now.
+
+    Compensation may already have deleted it: then its CancelledOrder record, if `user` may see that
+    (owner, `orders.view_cancelledorder`); otherwise the order as order_cancel committed it, `cancelling`
+    (an orders manager with `change_order` but not `view_cancelledorder`).
+    """
+    now = selectors.order_or_cancelled(user=user, order_id=order.pk)
+    if now is None:
+        order.status = Order.Status.CANCELLING
+        now = order
+    if isinstance(now, CancelledOrder):
+        return represent(CancelledOrderOutputSerializer, now)
+    return represent(OrderOutputSerializer, now)

@@ -508,6 +508,27 @@ def test_an_order_one_may_see_but_not_cancel_is_403_and_stays(api_with, product,
     assert Order.objects.get(pk=order.pk).status == "pending"
 
 
+def test_a_cancel_deleted_at_once_shows_the_record_only_to_whom_may_see_it(django_user_model, product, user):
+    """The 202's body once compensation has already deleted the order (a worker faster than the request)."""
+    from orders.api import cancelled_as_seen_by
+    from testing.permissions import grant
+
+    order = place(user, product)
+    services.order_cancel(order=order)
+    services.order_delete(order_id=order.pk)
+    manager = grant(django_user_model.objects.create_user("manager"), ["orders.view_order", "orders.change_order"])
+    auditor = grant(
+        django_user_model.objects.create_user("auditor"), ["orders.change_order", "orders.view_cancelledorder"]
+    )
+
+    assert not Order.objects.filter(pk=order.pk).exists()
+    assert cancelled_as_seen_by(user, order)["status"] == "cancelled"
+    assert cancelled_as_seen_by(auditor, order)["status"] == "cancelled"
+    shown = cancelled_as_seen_by(manager, order)
+    assert (shown["id"], shown["status"]) == (order.pk, "cancelling")
+    assert "reason" not in shown
+
+
 def test_change_order_cancels_another_users_order(api_with, product, user, django_capture_on_commit_callbacks):
     order = place(user, product)
     manager = api_with("orders.view_order", "orders.change_order")
