@@ -24,6 +24,7 @@ def other_user(django_user_model):
 
 @pytest.fixture
 def staff_user(django_user_model):
+    """Staff (may sign in to the admin) without a single permission: it may do no more than any user."""
     return django_user_model.objects.create_user(username="staff", password="staff-password-1", is_staff=True)
 
 
@@ -68,9 +69,38 @@ def api(user) -> APIClient:
 
 @pytest.fixture
 def staff_api(staff_user) -> APIClient:
+    """An API client of `staff_user`: staff, no permissions."""
     client = APIClient()
     client.force_authenticate(staff_user)
     return client
+
+
+@pytest.fixture
+def api_with(django_user_model):
+    """api_with("orders.view_order", ...): an API client of a new staff user holding just those permissions."""
+    from testing.permissions import grant
+
+    counter = iter(range(1, 1_000_000))
+
+    def make(*permissions: str) -> APIClient:
+        user = django_user_model.objects.create_user(username=f"granted-{next(counter)}", is_staff=True)
+        client = APIClient()
+        client.force_authenticate(grant(user, permissions))
+        return client
+
+    return make
+
+
+@pytest.fixture
+def stock_api(api_with) -> APIClient:
+    """An API client allowed to create and change products (inventory.add_product, inventory.change_product)."""
+    return api_with("inventory.add_product", "inventory.change_product")
+
+
+@pytest.fixture
+def reports_api(api_with) -> APIClient:
+    """An API client allowed to read the sales totals (reports.view_productreport)."""
+    return api_with("reports.view_productreport")
 
 
 @pytest.fixture(autouse=True)

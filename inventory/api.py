@@ -1,16 +1,17 @@
-"""The products REST API: read for any signed-in user, write for staff."""
+"""The products REST API: read for any signed-in user; writes need inventory's model permissions
+(`inventory.add_product`, `inventory.change_product`), as in the admin."""
 
 from django.db import transaction
 from django_filters.rest_framework import DjangoFilterBackend
 from drf_spectacular.utils import OpenApiExample, extend_schema
 from rest_framework import status
-from rest_framework.permissions import SAFE_METHODS, BasePermission
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from project.db import service_db
 from project.http.errors import NotFound
 from project.http.pagination import PageNumberPagination
+from project.http.permissions import ModelPermissions
 from project.http.schema import WWW_AUTHENTICATE, errors, id_parameter
 from project.http.serializers import represent, represent_many
 
@@ -19,17 +20,23 @@ from .filters import ProductFilter
 from .serializers import ProductCreateInputSerializer, ProductOutputSerializer, ProductUpdateInputSerializer
 
 PRODUCT_ID = id_parameter("product_id", "product")
-NOT_STAFF = "Not staff (`permission_denied`), or a session-authenticated write without its CSRF token."
+CSRF = "or a session-authenticated write without its CSRF token"
+NO_ADD = f"Without the permission `inventory.add_product` (`permission_denied`), {CSRF}."
+NO_CHANGE = f"Without the permission `inventory.change_product` (`permission_denied`), {CSRF}."
 
 
-class ReadOrStaffWrite(BasePermission):
-    def has_permission(self, request, view):
-        user = request.user
-        return bool(user and user.is_authenticated and (request.method in SAFE_METHODS or user.is_staff))
+class ProductPermissions(ModelPermissions):
+    """Every signed-in user reads products (customers choose from them); writes need inventory's model
+    permissions: POST `add_product`, PATCH `change_product`, DELETE `delete_product` (then 405: no endpoint
+    deletes a product)."""
+
+    app_label = "inventory"
+    model = "product"
+    reads_need_permission = False
 
 
 class ProductListCreateApi(APIView):
-    permission_classes = [ReadOrStaffWrite]
+    permission_classes = [ProductPermissions]
     pagination_class = PageNumberPagination
     filter_backends = [DjangoFilterBackend]
     filterset_class = ProductFilter
@@ -64,7 +71,7 @@ class ProductListCreateApi(APIView):
 
     @extend_schema(
         operation_id="products_create",
-        summary="Create a product (staff)",
+        summary="Create a product (inventory.add_product)",
         description="Reports hears about it once it is committed.",
         request=ProductCreateInputSerializer,
         examples=[
@@ -85,7 +92,7 @@ class ProductListCreateApi(APIView):
                 413,
                 415,
                 _400="Bad fields, or a taken `sku`. Nothing was written.",
-                _403=NOT_STAFF,
+                _403=NO_ADD,
                 _409="Another create took the same `sku` at the same moment (`conflict`).",
             ),
         },
@@ -98,7 +105,7 @@ class ProductListCreateApi(APIView):
 
 
 class ProductDetailApi(APIView):
-    permission_classes = [ReadOrStaffWrite]
+    permission_classes = [ProductPermissions]
 
     @extend_schema(
         operation_id="products_retrieve",
@@ -114,7 +121,7 @@ class ProductDetailApi(APIView):
 
     @extend_schema(
         operation_id="products_update",
-        summary="Change a product (staff)",
+        summary="Change a product (inventory.change_product)",
         description=(
             "Any of the fields; stock only through `stock_delta`, added to (or, negative, taken from) the "
             "current stock (`stock` itself is a 400 that says so). All or nothing: a refused `stock_delta` "
@@ -139,7 +146,7 @@ class ProductDetailApi(APIView):
                 415,
                 _400="Bad fields, a field it does not take (`stock`: use `stock_delta`), or a taken `sku`. "
                 "Nothing was written.",
-                _403=NOT_STAFF,
+                _403=NO_CHANGE,
                 _409="`stock_delta` would take the stock below 0 (`insufficient_stock`), or past 2147483647 units "
                 "with those held by orders (`stock_limit_exceeded`, naming `stock_delta` in `fields`). "
                 "Nothing was written.",

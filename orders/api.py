@@ -7,7 +7,7 @@ from drf_spectacular.utils import (
     PolymorphicProxySerializer,
     extend_schema,
 )
-from rest_framework import status
+from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -17,7 +17,7 @@ from project.http.schema import RETRY_AFTER, WWW_AUTHENTICATE, errors, id_parame
 from project.http.serializers import represent, represent_many
 from project.http.throttles import OrderCreateThrottle
 
-from . import selectors, services
+from . import permissions, selectors, services
 from .models import CancelledOrder, Order
 from .serializers import CancelledOrderOutputSerializer, OrderCreateInputSerializer, OrderOutputSerializer
 
@@ -69,9 +69,10 @@ class OrderListCreateApi(APIView):
         operation_id="orders_list",
         summary="List orders",
         description=(
-            "Your orders (staff: everyone's), newest first, 50 per page. Without `status`, the orders that "
-            "exist (`pending`, `confirmed`, `cancelling`); `status=cancelled` lists the records of the deleted "
-            "ones instead (as `GET /api/orders/{id}/` answers them with 410: `status` `cancelled`, the `reason`)."
+            "Your orders (with `orders.view_order`: everyone's), newest first, 50 per page. Without `status`, "
+            "the orders that exist (`pending`, `confirmed`, `cancelling`); `status=cancelled` lists the records "
+            "of the deleted ones instead (as `GET /api/orders/{id}/` answers them with 410: `status` `cancelled`, "
+            "the `reason`; everyone's with `orders.view_cancelledorder`)."
         ),
         parameters=[
             OpenApiParameter(
@@ -161,6 +162,10 @@ class OrderDetailApi(APIView):
     @extend_schema(
         operation_id="orders_retrieve",
         summary="Get an order",
+        description=(
+            "Yours; another user's with `orders.view_order` (a cancelled one's record: "
+            "`orders.view_cancelledorder`). One you may not see is a 404, as if it did not exist."
+        ),
         parameters=[ORDER_ID, WWW_AUTHENTICATE],
         responses={
             200: OrderOutputSerializer,
@@ -185,7 +190,8 @@ class OrderCancelApi(APIView):
         summary="Cancel an order",
         description=(
             "Starts the compensation saga (a confirmed order is undone too): stock released, sale reverted, "
-            "order deleted with the reason `cancelled by user`."
+            "order deleted with the reason `cancelled by user`. Yours; another user's with `orders.change_order` "
+            "(an order you may see but not cancel is a 403; one you may not see, a 404)."
         ),
         request=None,
         parameters=[ORDER_ID, WWW_AUTHENTICATE],
@@ -198,20 +204,40 @@ class OrderCancelApi(APIView):
                 CancelledOrderOutputSerializer,
                 description="Already cancelled (not an error: cancelling is idempotent): its record, with the reason.",
             ),
-            **errors(401, 403, 404),
+            **errors(
+                401,
+                403,
+                404,
+                _403="Another user's order you may see but not cancel (`permission_denied`: it needs "
+                "`orders.change_order`), or a session-authenticated request without its CSRF token.",
+            ),
         },
     )
     def post(self, request, order_id: int):
         found = selectors.order_or_cancelled(user=request.user, order_id=order_id)
         if found is None:
             raise NotFound(f"No order {order_id}.")
+        if not permissions.may_cancel(request.user, found):
+            raise exceptions.PermissionDenied(
+                "Cancelling another user's order needs the permission orders.change_order."
+            )
         if isinstance(found, CancelledOrder):
             return Response(represent(CancelledOrderOutputSerializer, found), status=status.HTTP_200_OK)
         services.order_cancel(order=found)
-        # Compensation may already have deleted it: answer with what is there now.
-        found = selectors.order_or_cancelled(user=request.user, order_id=order_id)
-        if isinstance(found, CancelledOrder):
-            data = represent(CancelledOrderOutputSerializer, found)
-        else:
-            data = represent(OrderOutputSerializer, found)
-        return Response(data, status=status.HTTP_202_ACCEPTED)
+        return Response(cancelled_as_seen_by(request.user, found), status=status.HTTP_202_ACCEPTED)
+
+
+def cancelled_as_seen_by(user, order: Order) -> dict:
+    """What the cancel's 202 shows `user` of `order` (which order_cancel has marked `cancelling`): as it is now.
+
+    Compensation may already have deleted it: then its CancelledOrder record, if `user` may see that
+    (owner, `orders.view_cancelledorder`); otherwise the order as order_cancel committed it, `cancelling`
+    (an orders manager with `change_order` but not `view_cancelledorder`).
+    """
+    now = selectors.order_or_cancelled(user=user, order_id=order.pk)
+    if now is None:
+        order.status = Order.Status.CANCELLING
+        now = order
+    if isinstance(now, CancelledOrder):
+        return represent(CancelledOrderOutputSerializer, now)
+    return represent(OrderOutputSerializer, now)

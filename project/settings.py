@@ -96,6 +96,10 @@ if env.bool("ORDERFLOW_BENCH", default=False):
     INSTALLED_APPS += ["bench"]
 
 MIDDLEWARE = [
+    # --- issue 15 (permissions helper): no cache keeps an /api/ answer (Cache-Control: no-store, private).
+    # First, so it also marks the errors raised by the middleware below it (a bad Host header).
+    "project.http.headers.ApiNoStoreMiddleware",
+    # --- end
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",

@@ -44,5 +44,9 @@ urlpatterns = [
     path("readyz", readyz, name="readyz"),
 ]
 
+# Under /api/ every error has the API's JSON shape, Django's own included (a bad Host header, too many
+# query parameters, a body too large); other paths keep Django's pages.
+handler400 = "project.http.errors.bad_request_view"
+handler403 = "project.http.errors.permission_denied_view"
 handler404 = "project.http.errors.not_found_view"
 handler500 = "project.http.errors.server_error_view"

@@ -42,12 +42,15 @@ def explain(title: str, queryset=None, sql: str = "", params=()) -> None:
 def main() -> None:
     cutoff = timezone.now() - timedelta(seconds=60)
     users = get_user_model()._default_manager
-    staff = users.filter(is_staff=True).first() or users.first()
+    # Everyone's orders: what a user holding orders.view_order sees (a superuser holds every permission).
+    staff = users.filter(is_superuser=True, is_active=True).first() or users.first()
     by_orders = Order.objects.values("user_id").order_by().annotate(n=django.db.models.Count("id")).order_by("-n")
     # The per-user list, as a customer sees it: the busiest user, and the next one.
     customers = [users.get(pk=row["user_id"]) for row in by_orders[:2]] or [staff]
     for customer in customers:
-        customer.is_staff = False
+        # No permissions at all (ModelBackend reads this cache before the database): their own orders only.
+        customer.is_superuser = False
+        customer._perm_cache = set()
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM orders_order")
         print(f"orders in the table: {cursor.fetchone()[0]}")

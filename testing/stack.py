@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from testing.instances import WEB_PORTS, free_port
+from testing.permissions import OPERATOR_PERMISSIONS
 from testing.workers import BASE_DIR, SupervisionFailed, Workers, test_environment, wait_for
 
 SERVICE_QUEUES = ("orders", "inventory", "reports")
@@ -221,23 +222,27 @@ class Stack:
         done = self._manage(["check_consistency"], timeout)
         return done.returncode == 0, done.stdout + done.stderr
 
-    def create_user(self, username: str, *, staff: bool = False) -> str:
-        """A user (staff if asked; created if missing) and its API token (DRF's Token), via `manage.py shell`."""
+    def create_user(self, username: str, *, staff: bool = False, permissions: Sequence[str] = ()) -> str:
+        """A user (created if missing; staff if asked) holding `permissions` ("app_label.codename"),
+        and its API token (DRF's Token), via `manage.py shell`."""
         script = (
             "from django.contrib.auth import get_user_model\n"
             "from rest_framework.authtoken.models import Token\n"
+            "from testing.permissions import grant\n"
             f"user, _ = get_user_model().objects.get_or_create(username={username!r})\n"
             f"user.is_staff = {bool(staff)!r}\n"
             "user.save()\n"
+            f"grant(user, {list(permissions)!r})\n"
             "print(Token.objects.get_or_create(user=user)[0].key)\n"
         )
         return self.manage("shell", "-c", script).stdout.strip().splitlines()[-1]
 
     @property
     def staff_token(self) -> str:
-        """The token of a staff user "stack-staff", made on first use."""
+        """The token of "stack-staff", made on first use: a staff user with the model permissions its
+        requests need (testing.permissions.OPERATOR_PERMISSIONS: products, everyone's orders, the reports)."""
         if self._staff_token is None:
-            self._staff_token = self.create_user("stack-staff", staff=True)
+            self._staff_token = self.create_user("stack-staff", staff=True, permissions=OPERATOR_PERMISSIONS)
         return self._staff_token
 
     # --- HTTP

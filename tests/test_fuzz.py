@@ -2,7 +2,8 @@
 
 Every operation gets schema-valid and schema-invalid requests (bodies, path
 ids, query and header parameters, other methods and content types) over real
-HTTP to pytest-django's live_server, as a normal user and as staff. Any 5xx,
+HTTP to pytest-django's live_server, as a normal user (refused writes: 403)
+and as staff holding the model permissions the API asks for. Any 5xx,
 or any answer whose status, content type, headers or body the schema does not
 describe, fails the test. Bounded and derandomized: CI sends the same ~1,000
 requests each run, in under a minute.
@@ -24,6 +25,7 @@ from rest_framework.authtoken.models import Token
 
 from orders import services as orders
 from testing import purge_queues
+from testing.permissions import OPERATOR_PERMISSIONS, grant
 
 # Fresh sequences: the ids the coverage phase tries first (1, 2, ...) then name rows that exist.
 pytestmark = [pytest.mark.fuzz, pytest.mark.django_db(transaction=True, reset_sequences=True)]
@@ -79,6 +81,9 @@ def flatmap_body(context, body):
 @pytest.fixture
 def token(django_user_model, actor) -> str:
     user = django_user_model.objects.create_user(username=f"fuzz-{actor}", is_staff=actor == "staff")
+    if actor == "staff":
+        # Products, everyone's orders and records, the sales totals: every write is tried for real.
+        user = grant(user, OPERATOR_PERMISSIONS)
     return Token.objects.create(user=user).key
 
 

@@ -32,7 +32,7 @@ OPERATIONS = {
     ("post", "/api/products/"): {"201", "400", "401", "403", "409", "413", "415"},
     ("get", "/api/products/{product_id}/"): {"200", "401", "404"},
     ("patch", "/api/products/{product_id}/"): {"200", "400", "401", "403", "404", "409", "413", "415"},
-    ("get", "/api/reports/products/"): {"200", "401", "404"},
+    ("get", "/api/reports/products/"): {"200", "401", "403", "404"},
     ("post", "/api/auth/token/"): {"200", "400", "413", "415", "429"},
 }
 # Every operation can also answer 503 with Retry-After: a database, disk or broker outage (project.http.errors).

@@ -48,12 +48,12 @@ def hold(product: Product, units: int, order_id: int = 1) -> None:
 # --- the API: the reproduction, then each edge ------------------------------------------
 
 
-def test_stock_delta_twice_past_the_column_is_a_409_naming_stock_delta(staff_api, make_product):
+def test_stock_delta_twice_past_the_column_is_a_409_naming_stock_delta(stock_api, make_product):
     # issue 14: stock 1000000000 + 1000000000 twice; the second was a 500 (integer out of range) on PostgreSQL
     product = make_product(stock=1_000_000_000)
 
-    first = staff_api.patch(detail(product), {"stock_delta": 1_000_000_000}, format="json")
-    second = staff_api.patch(detail(product), {"stock_delta": 1_000_000_000}, format="json")
+    first = stock_api.patch(detail(product), {"stock_delta": 1_000_000_000}, format="json")
+    second = stock_api.patch(detail(product), {"stock_delta": 1_000_000_000}, format="json")
 
     assert first.status_code == 200, first.content
     body = error(second, 409)
@@ -62,24 +62,24 @@ def test_stock_delta_twice_past_the_column_is_a_409_naming_stock_delta(staff_api
     assert stock_of(product) == 2_000_000_000
 
 
-def test_stock_may_reach_stock_max_and_not_one_more(staff_api, make_product):
+def test_stock_may_reach_stock_max_and_not_one_more(stock_api, make_product):
     product = make_product(stock=STOCK_MAX - 10)
 
-    over = staff_api.patch(detail(product), {"stock_delta": 11}, format="json")
-    exact = staff_api.patch(detail(product), {"stock_delta": 10}, format="json")
+    over = stock_api.patch(detail(product), {"stock_delta": 11}, format="json")
+    exact = stock_api.patch(detail(product), {"stock_delta": 10}, format="json")
 
     assert error(over, 409)["fields"]["stock_delta"]
     assert exact.status_code == 200, exact.content
     assert exact.json()["stock"] == STOCK_MAX
 
 
-def test_units_held_by_reservations_count_toward_stock_max(staff_api, make_product):
+def test_units_held_by_reservations_count_toward_stock_max(stock_api, make_product):
     # Stock held for an order comes back on release: were it not counted, that release would overflow.
     product = make_product(stock=STOCK_MAX - 100)
     hold(product, 50)
 
-    over = staff_api.patch(detail(product), {"stock_delta": 101}, format="json")
-    exact = staff_api.patch(detail(product), {"stock_delta": 100}, format="json")
+    over = stock_api.patch(detail(product), {"stock_delta": 101}, format="json")
+    exact = stock_api.patch(detail(product), {"stock_delta": 100}, format="json")
 
     assert error(over, 409)["code"] == "stock_limit_exceeded"
     assert exact.status_code == 200
@@ -88,10 +88,10 @@ def test_units_held_by_reservations_count_toward_stock_max(staff_api, make_produ
     assert stock_of(product) == STOCK_MAX
 
 
-def test_a_refused_stock_delta_changes_nothing_else(staff_api, make_product):
+def test_a_refused_stock_delta_changes_nothing_else(stock_api, make_product):
     product = make_product(stock=STOCK_MAX, name="Keep")
 
-    response = staff_api.patch(detail(product), {"name": "Changed", "stock_delta": 1}, format="json")
+    response = stock_api.patch(detail(product), {"name": "Changed", "stock_delta": 1}, format="json")
 
     error(response, 409)
     saved = Product.objects.get(pk=product.pk)
@@ -99,27 +99,27 @@ def test_a_refused_stock_delta_changes_nothing_else(staff_api, make_product):
 
 
 @pytest.mark.parametrize("value", [STOCK_MAX + 1, -STOCK_MAX - 1, HUGE, -HUGE, 2**63, "1e30", 1e30, 1e3, "NaN", None])
-def test_a_stock_delta_out_of_range_is_a_400_naming_it(staff_api, make_product, value):
+def test_a_stock_delta_out_of_range_is_a_400_naming_it(stock_api, make_product, value):
     product = make_product(stock=5)
 
-    body = error(staff_api.patch(detail(product), {"stock_delta": value}, format="json"), 400)
+    body = error(stock_api.patch(detail(product), {"stock_delta": value}, format="json"), 400)
 
     assert "stock_delta" in body["fields"]
     assert stock_of(product) == 5
 
 
 @pytest.mark.parametrize("value", [0, 1, STOCK_MAX])
-def test_starting_stock_within_the_range_is_taken(staff_api, value):
-    response = staff_api.post(PRODUCTS, {"sku": "S-1", "name": "s", "price": "1.00", "stock": value}, format="json")
+def test_starting_stock_within_the_range_is_taken(stock_api, value):
+    response = stock_api.post(PRODUCTS, {"sku": "S-1", "name": "s", "price": "1.00", "stock": value}, format="json")
 
     assert response.status_code == 201, response.content
     assert Product.objects.get(sku="S-1").stock == value
 
 
 @pytest.mark.parametrize("value", [STOCK_MAX + 1, -1, HUGE, -HUGE, "1e30", 1e30, 2.0])
-def test_starting_stock_out_of_range_is_a_400_naming_it(staff_api, value):
+def test_starting_stock_out_of_range_is_a_400_naming_it(stock_api, value):
     body = error(
-        staff_api.post(PRODUCTS, {"sku": "S-1", "name": "s", "price": "1.00", "stock": value}, format="json"), 400
+        stock_api.post(PRODUCTS, {"sku": "S-1", "name": "s", "price": "1.00", "stock": value}, format="json"), 400
     )
 
     assert "stock" in body["fields"]
@@ -127,8 +127,8 @@ def test_starting_stock_out_of_range_is_a_400_naming_it(staff_api, value):
 
 
 @pytest.mark.parametrize("price", ["0", "0.01", "9999999999.99", 9999999999.99, 12])
-def test_prices_within_the_column_are_taken(staff_api, price):
-    response = staff_api.post(PRODUCTS, {"sku": "P-1", "name": "p", "price": price}, format="json")
+def test_prices_within_the_column_are_taken(stock_api, price):
+    response = stock_api.post(PRODUCTS, {"sku": "P-1", "name": "p", "price": price}, format="json")
 
     assert response.status_code == 201, response.content
     assert Product.objects.get(sku="P-1").price == Decimal(str(price))
@@ -138,11 +138,11 @@ def test_prices_within_the_column_are_taken(staff_api, price):
     "price",
     ["10000000000.00", "99999999999999999999", "1e30", 1e30, "1e-30", "0.001", "-0.01", "NaN", "Infinity", "-1e3"],
 )
-def test_prices_past_the_column_are_a_400_naming_price(staff_api, make_product, price):
+def test_prices_past_the_column_are_a_400_naming_price(stock_api, make_product, price):
     product = make_product(price="5.00")
 
-    created = staff_api.post(PRODUCTS, {"sku": "P-1", "name": "p", "price": price}, format="json")
-    changed = staff_api.patch(detail(product), {"price": price}, format="json")
+    created = stock_api.post(PRODUCTS, {"sku": "P-1", "name": "p", "price": price}, format="json")
+    changed = stock_api.patch(detail(product), {"price": price}, format="json")
 
     assert "price" in error(created, 400)["fields"]
     assert "price" in error(changed, 400)["fields"]

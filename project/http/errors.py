@@ -19,7 +19,13 @@ from html import escape
 from typing import Any
 
 from django.conf import settings
-from django.core.exceptions import PermissionDenied, RequestDataTooBig
+from django.core.exceptions import (
+    DisallowedHost,
+    PermissionDenied,
+    RequestDataTooBig,
+    TooManyFieldsSent,
+    TooManyFilesSent,
+)
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import DatabaseError
 from django.http import Http404, HttpResponse, JsonResponse
@@ -293,9 +299,53 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
     return response
 
 
+def _is_api(request) -> bool:
+    return request.path.startswith("/api/")
+
+
+def _bad_request_body(exception: BaseException | None) -> tuple[int, dict[str, Any]]:
+    """The status and error body for what Django refuses before (or while) a view reads the request."""
+    if isinstance(exception, RequestDataTooBig):
+        return 413, error_body(RequestTooLarge.default_code, str(RequestTooLarge.default_detail))
+    if isinstance(exception, TooManyFieldsSent):
+        limit = settings.DATA_UPLOAD_MAX_NUMBER_FIELDS
+        return 400, error_body("too_many_fields", f"More than {limit} query parameters or form fields.")
+    if isinstance(exception, TooManyFilesSent):
+        limit = settings.DATA_UPLOAD_MAX_NUMBER_FILES
+        return 400, error_body("too_many_files", f"More than {limit} files.")
+    if isinstance(exception, DisallowedHost):
+        # Not echoed back: the Host header is the client's text.
+        return 400, error_body("bad_host", "The Host header names no host this server answers for.")
+    return 400, error_body("bad_request", "The server could not read this request.")
+
+
+def bad_request_view(request, exception=None):
+    """Django's 400s in the API's shape under /api/; Django's own page elsewhere (project/urls.py handler400).
+
+    Django answers a SuspiciousOperation or BadRequest raised anywhere (a
+    middleware, the view) through this: a Host header not in ALLOWED_HOSTS
+    (`bad_host`), more than DATA_UPLOAD_MAX_NUMBER_FIELDS query parameters or
+    form fields (`too_many_fields`), too many files, a malformed body
+    (`bad_request`). A body above DATA_UPLOAD_MAX_MEMORY_SIZE read outside a
+    DRF view (RequestDataTooBig, which Django files under 400) is the API's
+    413 `request_too_large` here, as inside one (`exception_handler`).
+    """
+    if not _is_api(request):
+        return defaults.bad_request(request, exception)
+    status_code, body = _bad_request_body(exception)
+    return JsonResponse(body, status=status_code)
+
+
+def permission_denied_view(request, exception=None):
+    """Django's 403 (PermissionDenied outside a DRF view) in the API's shape under /api/, its page elsewhere."""
+    if not _is_api(request):
+        return defaults.permission_denied(request, exception)
+    return JsonResponse(error_body("permission_denied", str(exceptions.PermissionDenied.default_detail)), status=403)
+
+
 def not_found_view(request, exception=None):
     """404 for URLs no view matched: the API's JSON shape under /api/, Django's page elsewhere."""
-    if request.path.startswith("/api/"):
+    if _is_api(request):
         return JsonResponse(error_body("not_found", "No such resource."), status=404)
     return defaults.page_not_found(request, exception)
 

@@ -20,6 +20,7 @@ class ErrorSerializer(serializers.Serializer):
             "`authentication_failed`, `invalid_credentials`, `permission_denied`, `not_found`, `method_not_allowed`, "
             "`conflict`, "
             "`insufficient_stock`, `request_too_large`, `unsupported_media_type`, `throttled`, "
+            "`too_many_fields`, `bad_host`, `bad_request`, "
             "`database_unavailable`, `database_read_only`, `database_busy`, `disk_full`, `broker_unavailable`, ..."
         )
     )
@@ -40,9 +41,11 @@ _DESCRIPTIONS = {
     400: "The request is not valid (`invalid`, with `fields`), or its JSON does not parse (`parse_error`). "
     "Nothing was written.",
     401: "No credentials (`not_authenticated`) or bad ones (`authentication_failed`).",
-    403: "Signed in but not allowed (`permission_denied`): a write by a non-staff user, "
-    "or a session-authenticated write without its CSRF token.",
-    404: "No such resource, or not yours (`not_found`): another user's order answers 404, not 403.",
+    403: "Signed in but not allowed (`permission_denied`): the request needs a Django model permission the "
+    "user lacks (the admin's, e.g. `inventory.change_product`), or a session-authenticated write without "
+    "its CSRF token.",
+    404: "No such resource, or one you may not see (`not_found`): another user's order, without "
+    "`orders.view_order`, answers 404, not 403.",
     405: "The resource does not answer this method (`method_not_allowed`); `Allow` lists the ones it does.",
     409: "Conflict with the current state (`conflict`, `insufficient_stock`). Nothing was written.",
     413: "The body is larger than `DATA_UPLOAD_MAX_MEMORY_SIZE` (`request_too_large`); it was not read.",

@@ -55,7 +55,7 @@ def test_revenue_holds_the_largest_price_times_the_most_units():
     assert largest >= MAX_QUANTITY * MAX_PRICE
 
 
-def test_a_sale_at_the_largest_quantity_and_price_fills_the_totals_to_their_ceiling(api):
+def test_a_sale_at_the_largest_quantity_and_price_fills_the_totals_to_their_ceiling(reports_api):
     quantity = settings.ORDER_MAX_QUANTITY
     near_the_ceiling(7, units_left=quantity)
     line = {"product": 7, "quantity": quantity, "unit_price": str(MAX_PRICE), "product_name": "Ceiling"}
@@ -66,7 +66,7 @@ def test_a_sale_at_the_largest_quantity_and_price_fills_the_totals_to_their_ceil
     assert row.units_sold == BIGINT_MAX
     assert row.orders_count == BIGINT_MAX - quantity + 1
     assert same_amount(row.revenue, BIGINT_MAX * MAX_PRICE)
-    response = api.get(REPORTS)
+    response = reports_api.get(REPORTS)
     assert response.status_code == 200, response.content
     (shown,) = response.json()["results"]
     assert shown["units_sold"] == BIGINT_MAX
