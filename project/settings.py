@@ -342,6 +342,9 @@ AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]  # either one: a list of tw
 # A right password does not wipe the failures: an attacker who knows one password cannot reset the
 # count for the next guesses from the same address.
 AXES_RESET_ON_SUCCESS = False
+# Not verbose: no "AXES: BEGIN" banner in every process's log at start, and a failure's log line
+# names only what it is counted by (username, address), not the user agent.
+AXES_VERBOSE = False
 # The address the throttles use: the connection's own, or NUM_PROXIES proxies' X-Forwarded-For.
 AXES_CLIENT_IP_CALLABLE = "project.http.throttles.client_address"
 # The admin's 429 page; under /api/ the JSON error shape (project.http.errors.lockout_response).
