@@ -13,6 +13,8 @@ when SECRET_KEY is unset); the broker's folders are made by the transport
 (project/broker.py) and static files by collectstatic.
 """
 
+import contextlib
+import os
 import secrets
 from datetime import timedelta
 from pathlib import Path
@@ -38,11 +40,26 @@ VAR_DIR.mkdir(parents=True, exist_ok=True)
 
 
 def _local_secret_key() -> str:
-    """A per-checkout secret, generated once and kept out of git in var/."""
+    """A per-checkout secret, generated once and kept out of git in var/.
+
+    Processes that start together on a fresh var/ (two gunicorn workers, a
+    worker beside them) must all read the one key: a candidate is written whole
+    to a file of its own, then linked to the name, which fails if another
+    process's key got there first (link(2) never replaces a name); every
+    process then reads the winner. A reader never sees a half-written key.
+    """
     path = VAR_DIR / "secret_key"
     if not path.exists():
-        path.touch(mode=0o600)
-        path.write_text(secrets.token_urlsafe(50))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        candidate = path.with_name(f"secret_key.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(50))
+            with contextlib.suppress(FileExistsError):  # another process's key is the one
+                os.link(candidate, path)
+        finally:
+            candidate.unlink()
     return path.read_text().strip()
 
 

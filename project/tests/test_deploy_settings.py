@@ -9,6 +9,7 @@ import re
 import secrets
 import subprocess
 import sys
+import threading
 
 import pytest
 from django.conf import settings
@@ -106,3 +107,29 @@ def test_healthz_answers_over_plain_http_even_with_the_ssl_redirect(client, sett
 
     assert client.get("/api/schema/").status_code == 301
     assert client.get("/healthz").status_code != 301
+
+
+def test_processes_starting_together_on_a_fresh_var_share_one_generated_secret_key(tmp_path, monkeypatch):
+    """Two gunicorn workers started on a fresh var/ once read an empty, half-written key (a 500 per request).
+
+    Threads stand in for the processes (the file system is what they share);
+    a barrier starts each round's 16 readers at once, on a fresh folder.
+    """
+    for round_ in range(20):
+        var = tmp_path / str(round_)
+        var.mkdir()
+        monkeypatch.setattr(project_settings, "VAR_DIR", var)
+        start = threading.Barrier(16)
+        keys: list[str] = []
+
+        def read(start: threading.Barrier = start, keys: list[str] = keys) -> None:
+            start.wait()
+            keys.append(project_settings._local_secret_key())
+
+        threads = [threading.Thread(target=read) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert len(keys) == 16 and len(set(keys)) == 1 and len(keys[0]) > 40, (round_, set(keys))
+        assert [p.name for p in var.iterdir()] == ["secret_key"]
