@@ -17,7 +17,7 @@
 #   NGINX_CONN_PER_ADDRESS      open requests per client address [32]
 #   NGINX_TRUST_FORWARDED_PROTO true: pass on the X-Forwarded-Proto of a load balancer in front
 #                               that terminates TLS and sets it; else nginx's own scheme [false]
-#   NGINX_WORKER_PROCESSES [1], NGINX_WORKER_CONNECTIONS [1024]
+#   NGINX_WORKER_PROCESSES [1], NGINX_WORKER_CONNECTIONS [4096], NGINX_WORKER_RLIMIT_NOFILE [2 x connections + 64]
 #   NGINX_ACCESS_LOG            [/dev/stdout, or NGINX_VAR_DIR/access.log where stdout cannot be reopened]
 #   NGINX_VAR_DIR               rendered configuration, pid, temporary files [$ORDERFLOW_VAR_DIR/nginx]
 #   NGINX_BIN                   the nginx binary [nginx on PATH, else /usr/sbin/nginx]
@@ -38,7 +38,13 @@ case "${NGINX_TRUST_FORWARDED_PROTO:-false}" in
     *) NGINX_FORWARDED_PROTO='$scheme' ;;
 esac
 : "${NGINX_WORKER_PROCESSES:=1}"
-: "${NGINX_WORKER_CONNECTIONS:=1024}"
+: "${NGINX_WORKER_CONNECTIONS:=4096}"
+: "${NGINX_WORKER_RLIMIT_NOFILE:=$((NGINX_WORKER_CONNECTIONS * 2 + 64))}"
+# Never above the hard limit, which an unprivileged nginx cannot raise.
+hard_nofile=$(ulimit -Hn 2>/dev/null || echo unlimited)
+if [ "$hard_nofile" != unlimited ] && [ "$NGINX_WORKER_RLIMIT_NOFILE" -gt "$hard_nofile" ]; then
+    NGINX_WORKER_RLIMIT_NOFILE=$hard_nofile
+fi
 : "${NGINX_ACCESS_LOG:=/dev/stdout}"
 # nginx opens /dev/stdout anew, which fails when stdout belongs to another user (a file or pipe
 # of root's, under runuser or su): the access log then goes to a file.
@@ -55,7 +61,7 @@ if [ "$(id -u)" = 0 ]; then
 fi
 export NGINX_VAR_DIR NGINX_LISTEN NGINX_UPSTREAM NGINX_FLOWER_LISTEN NGINX_FLOWER_UPSTREAM \
     NGINX_CLIENT_MAX_BODY_SIZE NGINX_CONN_PER_ADDRESS NGINX_FORWARDED_PROTO NGINX_WORKER_PROCESSES \
-    NGINX_WORKER_CONNECTIONS NGINX_ACCESS_LOG NGINX_USER_DIRECTIVE
+    NGINX_WORKER_CONNECTIONS NGINX_WORKER_RLIMIT_NOFILE NGINX_ACCESS_LOG NGINX_USER_DIRECTIVE
 
 nginx_bin="${NGINX_BIN:-$(command -v nginx || echo /usr/sbin/nginx)}"
 if [ ! -x "$nginx_bin" ]; then
@@ -69,7 +75,7 @@ fi
 
 names='${NGINX_VAR_DIR} ${NGINX_LISTEN} ${NGINX_UPSTREAM} ${NGINX_FLOWER_LISTEN} ${NGINX_FLOWER_UPSTREAM}
 ${NGINX_CLIENT_MAX_BODY_SIZE} ${NGINX_CONN_PER_ADDRESS} ${NGINX_FORWARDED_PROTO} ${NGINX_WORKER_PROCESSES}
-${NGINX_WORKER_CONNECTIONS} ${NGINX_ACCESS_LOG} ${NGINX_USER_DIRECTIVE}'
+${NGINX_WORKER_CONNECTIONS} ${NGINX_WORKER_RLIMIT_NOFILE} ${NGINX_ACCESS_LOG} ${NGINX_USER_DIRECTIVE}'
 mkdir -p "$NGINX_VAR_DIR/tmp"
 envsubst "$names" <"$templates/nginx.conf.template" >"$NGINX_VAR_DIR/nginx.conf"
 if [ -n "$NGINX_FLOWER_LISTEN" ]; then

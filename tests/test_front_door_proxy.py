@@ -127,6 +127,9 @@ def front_door(tmp_path_factory) -> Iterator[dict]:
         "DEBUG": "false",
         "DJANGO_SETTINGS_MODULE": "project.settings",
         "PYTHONUNBUFFERED": "1",
+        # As make run exports it with the proxy on: the address is nginx's X-Forwarded-For entry,
+        # and gunicorn takes the request sizes nginx lets through (gunicorn.conf.py).
+        "NUM_PROXIES": "1",
     }
     env.pop("ORDERFLOW_BENCH", None)
     processes = Processes(directory, env)
@@ -296,6 +299,7 @@ def test_nginx_refuses_a_body_above_djangos_limit_in_the_apis_error_shape(front_
     assert headers.get("Server") == "nginx"
     assert headers["Content-Type"] == "application/json"
     assert json.loads(body)["code"] == "request_too_large"
+    assert "no-store" in headers["Cache-Control"]
     # A body at the limit reaches Django (which reads it: 400 for not being JSON, not 413).
     status, headers, body, _ = get(
         front, "/api/auth/token/", method="POST", body=b"x" * limit,
@@ -303,6 +307,55 @@ def test_nginx_refuses_a_body_above_djangos_limit_in_the_apis_error_shape(front_
     )  # fmt: skip
     assert status == 400, body
     assert json.loads(body)["code"] != "request_too_large"
+
+
+def test_1100_query_parameters_reach_django_through_the_front_door_and_get_its_json_400(front_door):
+    """Review of issue 15: a 7.7 KB request line was gunicorn's HTML 414 (its 4 KiB line limit behind nginx's 8 KiB)."""
+    query = "&".join(f"field{i}=1" for i in range(1100))
+    assert len(query) > 8192
+
+    status, headers, body, _ = get(front_door["front"], f"/api/products/?{query}", timeout=10)
+
+    assert status == 400, body[:300]
+    assert headers["Content-Type"] == "application/json"
+    assert json.loads(body)["code"] == "too_many_fields"
+    assert "no-store" in headers["Cache-Control"]
+    # 105 headers too (gunicorn's own limit is 100): Django answers, here its 401 for no credentials.
+    many = {f"X-Extra-{i}": "1" for i in range(105)}
+    status, headers, body, _ = get(front_door["front"], "/api/orders/", headers=many, timeout=10)
+    assert status == 401, body[:300]
+    assert headers["Content-Type"] == "application/json"
+
+
+def test_a_request_line_nginx_cannot_read_is_refused_in_the_apis_json_shape(front_door):
+    status, headers, body, _ = get(front_door["front"], "/api/products/?q=" + "x" * 20_000, timeout=10)
+
+    assert status == 414, body[:300]
+    assert headers["Content-Type"] == "application/json"
+    assert json.loads(body)["code"] == "request_header_too_large"
+    assert "no-store" in headers["Cache-Control"]
+    status, headers, body, _ = get(front_door["front"], "/api/products/", headers={"X-Big": "x" * 20_000}, timeout=10)
+    assert status == 400, body[:300]
+    assert json.loads(body)["code"] == "request_header_too_large"
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_api_without_its_slash_is_djangos_answer_and_no_redirect_names_the_clients_host(front_door, method):
+    """Review of issue 15: nginx's own 301 for /api echoed `Host: evil.example` into its Location."""
+    status, headers, body, _ = get(
+        front_door["front"],
+        "/api",
+        method=method,
+        headers={"Host": "evil.example"},
+        body=b"" if method == "POST" else None,
+    )
+
+    assert status == 400, (status, headers, body[:300])  # Django's ALLOWED_HOSTS refusal, in the JSON shape
+    assert json.loads(body)["code"] == "bad_host"
+    assert "evil.example" not in headers.get("Location", "")
+    status, headers, body, _ = get(front_door["front"], "/api", method=method, body=b"" if method == "POST" else None)
+    assert status in (200, 401, 405), (status, headers, body[:300])
+    assert "Location" not in headers
 
 
 def test_nginx_answers_the_apis_json_503_while_gunicorn_is_down(tmp_path):

@@ -40,6 +40,7 @@ from rest_framework.views import set_rollback
 
 from project.broker_publish import BrokerBlocked, BrokerUnavailable
 from project.db import errors as db_errors
+from project.http.headers import is_api_path
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def lockout_response(request, original_response=None, credentials=None) -> HttpR
     from axes.helpers import get_cool_off, get_failure_limit  # it imports axes's models: not before apps are ready
 
     cool_off = get_cool_off(request)
-    if request.path.startswith("/api/"):
+    if is_api_path(request.path):
         locked = LockedOut(cool_off)
         response: HttpResponse = JsonResponse(error_body(locked.default_code, str(locked.detail)), status=429)
         if locked.wait is not None:
@@ -230,7 +231,7 @@ def _logged(response: HttpResponse) -> HttpResponse:
 
 def outage_response(outage: Outage, request=None) -> HttpResponse:
     """The 503 for `outage`: the API's JSON shape under /api/ (and for JSON clients), a short page elsewhere."""
-    wants_json = request is None or request.path.startswith("/api/")
+    wants_json = request is None or is_api_path(request.path)
     if wants_json:
         response: HttpResponse = JsonResponse(error_body(outage.code, outage.detail), status=503)
     else:
@@ -300,7 +301,7 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
 
 
 def _is_api(request) -> bool:
-    return request.path.startswith("/api/")
+    return is_api_path(request.path)
 
 
 def _bad_request_body(exception: BaseException | None) -> tuple[int, dict[str, Any]]:
@@ -360,6 +361,6 @@ def server_error_view(request):
     if outage is not None:
         _log_outage(outage, exc, f"{request.method} {request.path}")
         return outage_response(outage, request)
-    if request.path.startswith("/api/"):
+    if is_api_path(request.path):
         return JsonResponse(error_body("server_error", "The server failed; the error was logged."), status=500)
     return defaults.server_error(request)

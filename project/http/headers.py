@@ -6,8 +6,13 @@ from django.utils.cache import add_never_cache_headers
 CACHEABLE = frozenset({"/api/schema/", "/api/schema", "/api/docs/", "/api/docs"})
 
 
+def is_api_path(path: str) -> bool:
+    """Whether `path` (request.path) is the API's: `/api` itself (it answers without its slash) or under `/api/`."""
+    return path == "/api" or path.startswith("/api/")
+
+
 class ApiNoStoreMiddleware:
-    """`Cache-Control: max-age=0, no-cache, no-store, must-revalidate, private` (and `Expires`) under /api/.
+    """`Cache-Control: max-age=0, no-cache, no-store, must-revalidate, private` (and `Expires`) on the API.
 
     API answers carry a user's data (their orders, a token), so no shared or
     browser cache may keep them (RFC 9111 §5.2.2.5 no-store, §5.2.2.7
@@ -23,6 +28,6 @@ class ApiNoStoreMiddleware:
 
     def __call__(self, request):
         response = self.get_response(request)
-        if request.path.startswith("/api/") and request.path not in CACHEABLE:
+        if is_api_path(request.path) and request.path not in CACHEABLE:
             add_never_cache_headers(response)
         return response
