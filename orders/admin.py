@@ -1,5 +1,8 @@
 """Orders' admin: orders are placed, cancelled and re-dispatched only through orders.services.
 
+Each order a cancel or re-dispatch action touches gets an admin LogEntry
+saying who did what and why; a cancelled order's history shows its order's.
+
 "Add order" is a form of its own (a customer and product lines) handed to
 `order_create`, so the admin starts the same saga as the API and never saves
 an Order or OrderLine itself. Existing and cancelled orders are read-only;
@@ -18,7 +21,10 @@ from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
+from django.contrib.admin.models import LogEntry
+from django.contrib.admin.options import get_content_type_for_model
 from django.contrib.admin.utils import unquote
+from django.contrib.admin.views.main import PAGE_VAR
 from django.contrib.auth import get_permission_codename, get_user_model
 from django.core.exceptions import PermissionDenied
 from django.http import HttpResponseRedirect
@@ -395,12 +401,21 @@ class OrderAdmin(admin.ModelAdmin):
 
         started, gone, unpublished = [], [], []
         for order in orders:
+            reason = services.cancel_reason_for(order=order, actor=request.user, in_admin=True)
             try:
-                (started if services.order_cancel(order=order) else gone).append(order.pk)
+                if services.order_cancel(order=order, actor=request.user, in_admin=True):
+                    started.append(order.pk)
+                    self.log_change(request, order, f"Cancel: compensation started ({reason}).")
+                else:
+                    gone.append(order.pk)
+                    self.log_change(request, order, "Cancel asked: the order was already gone (see Cancelled orders).")
             except (KombuError, OSError) as exc:
                 # The order is committed `cancelling`; the sweeper publishes its compensation again.
                 logger.warning("order %s: cancel recorded but compensation not published: %s", order.pk, exc)
                 unpublished.append(order.pk)
+                self.log_change(
+                    request, order, f"Cancel: marked cancelling ({reason}); the broker could not be reached."
+                )
         if started:
             self.message_user(
                 request,
@@ -421,9 +436,16 @@ class OrderAdmin(admin.ModelAdmin):
 
     @admin.action(description="Re-dispatch selected pending orders", permissions=["redispatch"])
     def redispatch_orders(self, request, queryset) -> None:
-        order_ids = list(queryset.values_list("pk", flat=True))
-        sent = [order_id for order_id in order_ids if services.order_redispatch(order_id=order_id)]
-        skipped = sorted(set(order_ids) - set(sent))
+        orders = list(queryset)
+        sent, skipped = [], []
+        for order in orders:
+            if services.order_redispatch(order_id=order.pk):
+                sent.append(order.pk)
+                self.log_change(request, order, "Re-dispatch: the saga was published again.")
+            else:
+                skipped.append(order.pk)
+                self.log_change(request, order, "Re-dispatch skipped: the order is not pending.")
+        skipped.sort()
         if sent:
             self.message_user(
                 request, f"Re-dispatched the saga of {len(sent)} order(s): {_ids(sent)}.", messages.SUCCESS
@@ -456,6 +478,28 @@ class CancelledOrderAdmin(ReadOnlyAdmin):
         "order_id", "user", "username", "reason", "status_before", "lines_table", "total", "dispatch_attempts",
         "created_at", "cancelled_at", "lines_json", "idempotency_key", "request_fingerprint",
     )  # fmt: skip
+
+    def history_view(self, request, object_id, extra_context=None):
+        """The record's history with the order's: the admin's cancel is logged on the Order, deleted since."""
+        response = super().history_view(request, object_id, extra_context)
+        if not isinstance(response, TemplateResponse):
+            return response  # no such record: Django's redirect
+        entries = (
+            LogEntry.objects.filter(
+                object_id=unquote(object_id),
+                content_type__in=[get_content_type_for_model(Order), get_content_type_for_model(CancelledOrder)],
+            )
+            .select_related()
+            .order_by("action_time")
+        )
+        paginator = self.get_paginator(request, entries, 100)
+        page = paginator.get_page(request.GET.get(PAGE_VAR, 1))
+        response.context_data.update(
+            action_list=page,
+            page_range=paginator.get_elided_page_range(page.number),
+            pagination_required=paginator.count > 100,
+        )
+        return response
 
     @admin.display(description="reason", ordering="reason")
     def short_reason(self, cancelled: CancelledOrder) -> str:

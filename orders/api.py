@@ -190,8 +190,9 @@ class OrderCancelApi(APIView):
         summary="Cancel an order",
         description=(
             "Starts the compensation saga (a confirmed order is undone too): stock released, sale reverted, "
-            "order deleted with the reason `cancelled by user`. Yours; another user's with `orders.change_order` "
-            "(an order you may see but not cancel is a 403; one you may not see, a 404)."
+            "order deleted with the reason `cancelled by user` (yours) or `cancelled by staff user '<username>'` "
+            "(another user's, which needs `orders.change_order`; an order you may see but not cancel is a 403; "
+            "one you may not see, a 404)."
         ),
         request=None,
         parameters=[ORDER_ID, WWW_AUTHENTICATE],
@@ -223,7 +224,7 @@ class OrderCancelApi(APIView):
             )
         if isinstance(found, CancelledOrder):
             return Response(represent(CancelledOrderOutputSerializer, found), status=status.HTTP_200_OK)
-        services.order_cancel(order=found)
+        services.order_cancel(order=found, actor=request.user)
         return Response(cancelled_as_seen_by(request.user, found), status=status.HTTP_202_ACCEPTED)
 
 

@@ -38,7 +38,15 @@ logger = logging.getLogger(__name__)
 PENDING = Order.Status.PENDING
 CONFIRMED = Order.Status.CONFIRMED
 CANCELLING = Order.Status.CANCELLING
+# Why an order was cancelled, as Order.cancel_reason and CancelledOrder.reason
+# keep it (both TextFields: no length to fit). The owner's own cancel, from the
+# API or the admin, is USER_CANCEL_REASON; anyone else's names them, so the
+# customer is never told they cancelled an order an orders manager cancelled.
 USER_CANCEL_REASON = "cancelled by user"
+STAFF_CANCEL_REASON = "cancelled by staff user {username!r}"
+ADMIN_CANCEL_REASON = "cancelled by staff user {username!r} in the admin"
+# Usernames are at most 150 characters in Django's user model; a custom one may allow more.
+_REASON_USERNAME_MAX = 150
 
 
 def _db() -> str:
@@ -283,9 +291,44 @@ def order_failure_note(*, order_id: int, reason: str) -> None:
     Order.objects.using(_db()).filter(pk=order_id, failure_reason="").update(failure_reason=reason)
 
 
-def order_cancel(*, order: Order) -> bool:
-    """A user's or staff's cancel: undo whatever the saga did and delete the order."""
-    return order_compensate(order_id=order.pk, reason=USER_CANCEL_REASON, force=True, robust=True)
+def cancel_reason_for(*, order: Order, actor: AbstractBaseUser, in_admin: bool = False) -> str:
+    """The reason a cancel of `order` asked by `actor` records.
+
+    USER_CANCEL_REASON when `actor` owns the order (wherever they asked);
+    otherwise "cancelled by staff user 'bob'", plus " in the admin" when
+    `in_admin`. A username longer than 150 characters is cut, marked "…".
+    """
+    if order.user_id == actor.pk:
+        return USER_CANCEL_REASON
+    username = actor.get_username()
+    if len(username) > _REASON_USERNAME_MAX:
+        username = username[: _REASON_USERNAME_MAX - 1] + "…"
+    template = ADMIN_CANCEL_REASON if in_admin else STAFF_CANCEL_REASON
+    return template.format(username=username)
+
+
+def order_cancel(*, order: Order, actor: AbstractBaseUser, in_admin: bool = False) -> bool:
+    """A cancel asked by `actor` (the signed-in Django user): undo whatever the saga did and delete the order.
+
+    The reason names who asked (`cancel_reason_for`); a cancel of another
+    user's order is also logged at INFO with the actor's id and username.
+    Permission checks are the caller's (API view, admin action). Returns
+    whether compensation was published (False: the order is already gone).
+    A broker that cannot be reached is logged, not raised (a robust
+    on-commit publish): the order stays `cancelling` and the sweeper
+    publishes its compensation again.
+    """
+    reason = cancel_reason_for(order=order, actor=actor, in_admin=in_admin)
+    if reason != USER_CANCEL_REASON:
+        logger.info(
+            "order %s: cancel asked by user %s (id %s), not its owner, %s",
+            order.pk,
+            actor.get_username(),
+            actor.pk,
+            "in the admin" if in_admin else "through the API",
+            extra={"order_id": order.pk, "actor_id": actor.pk, "actor_username": actor.get_username()},
+        )
+    return order_compensate(order_id=order.pk, reason=reason, force=True, robust=True)
 
 
 def order_redispatch(*, order_id: int, dispatched_before=None) -> bool:

@@ -307,7 +307,7 @@ def test_what_orderflow_sends_itself_runs_everywhere_with_nothing_refused(worker
     confirmed = confirmed_order(user, product, quantity=2)
     refused = order_services.order_create(user=user, lines=[{"product": product.pk, "quantity": 5}]).order.pk
     cancelled = confirmed_order(user, product, quantity=1)
-    order_services.order_cancel(order=Order.objects.get(pk=cancelled))
+    order_services.order_cancel(order=Order.objects.get(pk=cancelled), actor=user)
     inventory_services.product_update(product_id=product.pk, name="Desk lamp")
 
     wait_for(lambda: CancelledOrder.objects.filter(pk__in=[refused, cancelled]).count() == 2, what="both cancelled")

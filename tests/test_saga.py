@@ -234,7 +234,7 @@ def test_every_undo_delivered_twice_has_one_effect(workers, user, make_product):
     order_id = place(user, (product, 4))
     assert wait_terminal(order_id) == {order_id: "confirmed"}
 
-    order_services.order_cancel(order=Order.objects.get(pk=order_id))
+    order_services.order_cancel(order=Order.objects.get(pk=order_id), actor=user)
     # The compensation chain twice more, and each undo alone twice more.
     compensation_saga(order_id).apply_async()
     compensation_saga(order_id).apply_async()

@@ -57,7 +57,7 @@ def test_a_cancel_is_not_stuck_behind_the_orders_own_queued_step(sweeper, user, 
         sweeper.stop(queue, warm=True)
     backlog = [place(user, [(product, 1)]) for _ in range(150)]
     cancelled = place(user, [(product, 5)])  # its stock_reserve waits behind 150 others
-    order_services.order_cancel(order=Order.objects.get(pk=cancelled))
+    order_services.order_cancel(order=Order.objects.get(pk=cancelled), actor=user)
     sweeper.restart("reports")  # sale_revert runs, and publishes stock_release
     wait_for(
         lambda: ReportedOrder.objects.filter(order_id=cancelled, status="reverted").exists(),

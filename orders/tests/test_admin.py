@@ -7,7 +7,9 @@ only captured as an on-commit callback (never executed: it would reach the broke
 import pytest
 from django.conf import settings as django_settings
 from django.contrib import admin
+from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import Permission
+from django.contrib.contenttypes.models import ContentType
 from django.urls import reverse
 
 from orders import services
@@ -50,6 +52,27 @@ def action(client, name: str, orders: list[Order], **extra):
 
 def page_messages(response) -> list[str]:
     return [str(m) for m in response.wsgi_request._messages]
+
+
+def log_entries(order: Order) -> list[tuple[str, str]]:
+    """The admin's LogEntry rows for `order`, oldest first: (username, change message)."""
+    entries = LogEntry.objects.filter(
+        content_type=ContentType.objects.get_for_model(Order), object_id=str(order.pk)
+    ).order_by("action_time", "pk")
+    return [(entry.user.get_username(), entry.get_change_message()) for entry in entries]
+
+
+def _post_request(user, **data):
+    """A POST to the order list by `user`, with messages: for calling an action with a list read earlier."""
+    from django.contrib.messages.storage.fallback import FallbackStorage
+    from django.contrib.sessions.backends.base import SessionBase
+    from django.test import RequestFactory
+
+    request = RequestFactory().post(reverse(LIST_URL), data)
+    request.user = user
+    request.session = SessionBase()
+    request._messages = FallbackStorage(request)
+    return request
 
 
 # --- "Add order" ----------------------------------------------------------------------
@@ -260,7 +283,7 @@ def test_orders_cannot_be_deleted(admin_client, user, make_product):
 
 def test_a_deleted_order_leads_to_its_cancelled_record(admin_client, user, make_product):
     order = place(user, make_product())
-    services.order_cancel(order=order)
+    services.order_cancel(order=order, actor=order.user)
     services.order_delete(order_id=order.pk)
 
     response = admin_client.get(reverse("admin:orders_order_change", args=[order.pk]))
@@ -289,9 +312,50 @@ def test_cancel_action_asks_first_then_starts_compensation(
 
     assert done.status_code == 302
     order.refresh_from_db()
-    assert (order.status, order.cancel_reason) == (Order.Status.CANCELLING, services.USER_CANCEL_REASON)
+    # Staff cancelled the customer's order: the reason names them, not the customer.
+    reason = "cancelled by staff user 'root' in the admin"
+    assert (order.status, order.cancel_reason) == (Order.Status.CANCELLING, reason)
     assert len(callbacks) == 1  # the compensation chain
     assert any("Cancelling 1 order(s)" in m for m in page_messages(done))
+    assert log_entries(order) == [("root", f"Cancel: compensation started ({reason}).")]
+
+
+def test_cancel_action_on_ones_own_order_keeps_the_user_reason(admin_client, admin_superuser, make_product):
+    order = place(admin_superuser, make_product())
+
+    action(admin_client, "cancel_orders", [order], post="yes")
+
+    order.refresh_from_db()
+    assert order.cancel_reason == services.USER_CANCEL_REASON
+    assert log_entries(order) == [("root", f"Cancel: compensation started ({services.USER_CANCEL_REASON}).")]
+
+
+def test_cancel_action_logs_an_order_already_gone(admin_superuser, user, make_product):
+    order = place(user, make_product())
+    listed = Order.objects.filter(pk=order.pk)
+    services.order_compensate(order_id=order.pk, reason="deadline")
+    services.order_delete(order_id=order.pk)
+
+    # The action's queryset was read before compensation deleted the order (two staff, one list page).
+    admin.site._registry[Order].cancel_orders(_post_request(admin_superuser, post="yes"), [order])
+
+    assert not listed.exists()
+    assert log_entries(order) == [("root", "Cancel asked: the order was already gone (see Cancelled orders).")]
+    assert CancelledOrder.objects.get(pk=order.pk).reason == "deadline"
+
+
+def test_a_cancelled_orders_history_shows_who_cancelled_it(admin_client, user, make_product):
+    order = place(user, make_product())
+    action(admin_client, "cancel_orders", [order], post="yes")
+    services.order_delete(order_id=order.pk)
+
+    page = admin_client.get(reverse("admin:orders_cancelledorder_history", args=[order.pk]))
+
+    assert page.status_code == 200
+    assert [(e.user.username, e.change_message) for e in page.context["action_list"]] == [
+        ("root", "Cancel: compensation started (cancelled by staff user 'root' in the admin).")
+    ]
+    assert CancelledOrder.objects.get(pk=order.pk).reason == "cancelled by staff user 'root' in the admin"
 
 
 def test_redispatch_action_bumps_attempts_of_pending_orders_only(
@@ -310,6 +374,8 @@ def test_redispatch_action_bumps_attempts_of_pending_orders_only(
     assert (pending.dispatch_attempts, confirmed.dispatch_attempts) == (2, 1)
     assert len(callbacks) == 1  # the saga, published again
     assert any(f"Skipped, not pending: {confirmed.pk}" in m for m in page_messages(response))
+    assert log_entries(pending) == [("root", "Re-dispatch: the saga was published again.")]
+    assert log_entries(confirmed) == [("root", "Re-dispatch skipped: the order is not pending.")]
 
 
 def test_staff_with_view_permission_only_gets_no_actions(client, staff_user, user, make_product):
@@ -331,7 +397,7 @@ def history(user, make_product):
     """One cancelled order, one product report and one reported sale, made through the services."""
     product = make_product(name="Kettle", price="20.00")
     order = place(user, product, quantity=2)
-    services.order_cancel(order=order)
+    services.order_cancel(order=order, actor=order.user)
     cancelled = services.order_delete(order_id=order.pk)
     reports_services.product_sync(product_id=product.pk, name=product.name, version=product.version)
     lines = [{"product": product.pk, "quantity": 2, "unit_price": "20.00", "product_name": "Kettle"}]

@@ -514,7 +514,7 @@ def test_a_cancel_deleted_at_once_shows_the_record_only_to_whom_may_see_it(djang
     from testing.permissions import grant
 
     order = place(user, product)
-    services.order_cancel(order=order)
+    services.order_cancel(order=order, actor=order.user)
     services.order_delete(order_id=order.pk)
     manager = grant(django_user_model.objects.create_user("manager"), ["orders.view_order", "orders.change_order"])
     auditor = grant(
@@ -529,17 +529,32 @@ def test_a_cancel_deleted_at_once_shows_the_record_only_to_whom_may_see_it(djang
     assert "reason" not in shown
 
 
-def test_change_order_cancels_another_users_order(api_with, product, user, django_capture_on_commit_callbacks):
+def test_change_order_cancels_another_users_order(
+    api, api_with, product, user, django_user_model, django_capture_on_commit_callbacks, caplog
+):
     order = place(user, product)
     manager = api_with("orders.view_order", "orders.change_order")
+    staff = django_user_model.objects.get(username="granted-1")  # api_with's first user
 
-    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+    with (
+        caplog.at_level("INFO", logger="orders.services"),
+        django_capture_on_commit_callbacks(execute=False) as callbacks,
+    ):
         response = manager.post(f"{detail(order.pk)}cancel/")
 
     assert response.status_code == 202
     assert response.json()["status"] == "cancelling"
-    assert Order.objects.get(pk=order.pk).status == "cancelling"
+    order.refresh_from_db()
+    # The customer is not told they cancelled it: the reason names the orders manager.
+    reason = f"cancelled by staff user '{staff.username}'"
+    assert (order.status, order.cancel_reason) == ("cancelling", reason)
     assert len(callbacks) == 1
+    [asked] = [r for r in caplog.records if getattr(r, "actor_id", None) is not None]
+    assert asked.levelname == "INFO"
+    assert (asked.order_id, asked.actor_id, asked.actor_username) == (order.pk, staff.pk, staff.username)
+    assert f"order {order.pk}: cancel asked by user {staff.username} (id {staff.pk})" in asked.getMessage()
+    services.order_delete(order_id=order.pk)
+    assert api.get(detail(order.pk)).json()["reason"] == reason  # the owner's 410 says who
 
 
 # --- GET /api/orders/ -----------------------------------------------------------
@@ -670,7 +685,8 @@ def test_fields_an_order_does_not_take_are_refused_not_dropped(api, product, bod
 # --- POST /api/orders/{id}/cancel/ ----------------------------------------------
 
 
-def test_cancel_starts_compensation(api, product, user, django_capture_on_commit_callbacks):
+def test_cancel_starts_compensation(api, product, user, django_capture_on_commit_callbacks, caplog):
+    caplog.set_level("INFO", logger="orders.services")
     order = place(user, product)
     services.order_confirm(order_id=order.pk)
 
@@ -682,6 +698,7 @@ def test_cancel_starts_compensation(api, product, user, django_capture_on_commit
     order.refresh_from_db()
     assert (order.status, order.cancel_reason) == ("cancelling", services.USER_CANCEL_REASON)
     assert len(callbacks) == 1
+    assert not [r for r in caplog.records if getattr(r, "actor_id", None) is not None]  # only another's is logged
 
 
 def test_cancel_of_a_cancelled_order_is_not_an_error(api, product, user):

@@ -388,10 +388,26 @@ def test_order_cancel_is_a_forced_compensation_with_the_user_reason(user, make_p
     order = place(user, (make_product(), 1))
     services.order_confirm(order_id=order.pk)
 
-    assert services.order_cancel(order=Order.objects.get(pk=order.pk)) is True
+    assert services.order_cancel(order=Order.objects.get(pk=order.pk), actor=user) is True
 
     order.refresh_from_db()
     assert (order.status, order.cancel_reason) == (CANCELLING, services.USER_CANCEL_REASON)
+
+
+def test_order_cancel_by_someone_else_names_them(user, other_user, django_user_model, make_product):
+    api_order = place(user, (make_product(), 1))
+    admin_order = place(user, (make_product(), 1))
+    long_name = django_user_model(username="m" * 200)  # longer than Django's own 150: a custom user model's
+
+    assert services.order_cancel(order=Order.objects.get(pk=api_order.pk), actor=other_user) is True
+    assert services.order_cancel(order=Order.objects.get(pk=admin_order.pk), actor=other_user, in_admin=True)
+
+    assert Order.objects.get(pk=api_order.pk).cancel_reason == "cancelled by staff user 'bob'"
+    assert Order.objects.get(pk=admin_order.pk).cancel_reason == "cancelled by staff user 'bob' in the admin"
+    assert services.cancel_reason_for(order=api_order, actor=user, in_admin=True) == services.USER_CANCEL_REASON
+    assert services.cancel_reason_for(order=api_order, actor=long_name) == (
+        "cancelled by staff user '" + "m" * 149 + "…'"
+    )
 
 
 # --- delete --------------------------------------------------------------------
@@ -483,7 +499,7 @@ def test_reason_asked_for_wins_over_the_steps_reasons(user, make_product):
     order = place(user, (product, 3))
     with pytest.raises(StockRefused):
         reserve(order)
-    services.order_cancel(order=Order.objects.get(pk=order.pk))
+    services.order_cancel(order=Order.objects.get(pk=order.pk), actor=user)
 
     cancelled = compensate_and_delete(order.pk)
 
@@ -528,7 +544,7 @@ def test_compensation_after_a_full_saga_undoes_every_effect(user, make_product):
         lines=[{"product": product.pk, "quantity": 2, "unit_price": str(line.unit_price), "product_name": "x"}],
     )
     services.order_confirm(order_id=order.pk)
-    services.order_cancel(order=Order.objects.get(pk=order.pk))
+    services.order_cancel(order=Order.objects.get(pk=order.pk), actor=user)
 
     cancelled = compensate_and_delete(order.pk)
 
