@@ -108,17 +108,17 @@ def get(port: int, path: str, *, timeout: float = ANSWER_WITHIN, method: str = "
         connection.close()
 
 
-@pytest.fixture(scope="module")
-def front_door(tmp_path_factory) -> Iterator[dict]:
-    """The Procfile's web and proxy, as `make run` wires them: {"front": nginx's port, "gunicorn": gunicorn's}."""
-    directory = tmp_path_factory.mktemp("front-door")
-    front, backend = free_port(), free_port()
+def process_env(directory: Path, **extra: str) -> dict[str, str]:
+    """The environment the Procfile's processes get here, as `make run` with the proxy on gives it, plus `extra`.
+
+    The embedded default in `directory`'s own var/: nothing here is about a database or a
+    broker, and the suite's own (CI's PostgreSQL and RabbitMQ) stay untouched; a task Flower
+    sends goes nowhere.
+    """
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         "ORDERFLOW_VAR_DIR": str(directory / "var"),
-        # The embedded default in its own folder: nothing here is about a database or a broker,
-        # and the suite's own (CI's PostgreSQL and RabbitMQ) stay untouched.
         "DATABASE_URL": "",
         "DATABASE_URL_INVENTORY": "",
         "DATABASE_URL_REPORTS": "",
@@ -130,8 +130,18 @@ def front_door(tmp_path_factory) -> Iterator[dict]:
         # As make run exports it with the proxy on: the address is nginx's X-Forwarded-For entry,
         # and gunicorn takes the request sizes nginx lets through (gunicorn.conf.py).
         "NUM_PROXIES": "1",
+        **extra,
     }
     env.pop("ORDERFLOW_BENCH", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def front_door(tmp_path_factory) -> Iterator[dict]:
+    """The Procfile's web and proxy, as `make run` wires them: {"front": nginx's port, "gunicorn": gunicorn's}."""
+    directory = tmp_path_factory.mktemp("front-door")
+    front, backend = free_port(), free_port()
+    env = process_env(directory)
     processes = Processes(directory, env)
     upstream = f"127.0.0.1:{backend}"
     try:
@@ -384,19 +394,12 @@ def flower(tmp_path_factory) -> Iterator[dict]:
     """The Procfile's flower (basic auth) behind the proxy: {"front": nginx's port, "flower": Flower's own}."""
     directory = tmp_path_factory.mktemp("flower")
     front, backend = free_port(), free_port()
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "ORDERFLOW_VAR_DIR": str(directory / "var"),
-        "SECRET_KEY": "",
-        "DJANGO_SETTINGS_MODULE": "project.settings",
-        "FLOWER_BASIC_AUTH": FLOWER_LOGIN,
+    env = process_env(
+        directory,
+        FLOWER_BASIC_AUTH=FLOWER_LOGIN,
         # An operator's attempt to switch the read-only mode off: scripts/flower.sh's option wins.
-        "FLOWER_READ_ONLY": "false",
-        # Its own broker folder: a task Flower sends in the control goes nowhere.
-        "CELERY_BROKER_URL": "",
-    }
-    env.pop("ORDERFLOW_BENCH", None)
+        FLOWER_READ_ONLY="false",
+    )
     processes = Processes(directory, env)
     try:
         processes.start("flower", ORDERFLOW_FLOWER_BACKEND_PORT=str(backend))
