@@ -36,7 +36,7 @@ export PYTHONUNBUFFERED := 1
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help install install-dev install-bench install-docs install-nginx run status not-running test bench docs browser-deps lint format migrate createdb collectstatic seed superuser clean distclean
+.PHONY: help install install-dev install-bench install-docs install-nginx install-pgbouncer install-prometheus run status not-running test bench docs browser-deps lint format migrate createdb collectstatic seed superuser clean distclean
 
 help:
 	@echo "make run        install, migrate, seed demo data, then run nginx + web + workers + beat + Flower"
@@ -47,6 +47,8 @@ help:
 	@echo "make bench      the benchmark (bench/): ARGS=\"--orders 200 --spawn --baseline\" passes options to bench_orders"
 	@echo "make browser-deps  apt-get install Debian's chromium + chromium-driver (tests/browser) and faketime (a drill) as root"
 	@echo "make install-nginx apt-get install Debian's nginx and gettext-base (the front door, scripts/nginx.sh) as root"
+	@echo "make install-pgbouncer apt-get install Debian's pgbouncer (transaction pooling, scripts/pgbouncer.sh) as root"
+	@echo "make install-prometheus apt-get install Debian's prometheus (promtool for tests/test_prometheus_config.py; a Prometheus for make run) as root"
 	@echo "make lint       ruff check + ruff format --check + lint-imports (service boundaries, .importlinter)"
 	@echo "make format     ruff check --fix + ruff format"
 	@echo "make migrate    create the PostgreSQL database(s) if missing, migrate every database alias"
@@ -104,6 +106,36 @@ install-nginx:
 		echo "install-nginx: not root; install Debian's nginx and gettext-base packages:"; \
 		echo "    sudo apt-get update && sudo apt-get install -y --no-install-recommends nginx gettext-base"; \
 		echo "install-nginx: until then make run serves gunicorn directly (for this machine's own use) and the proxy tests are skipped"; \
+	fi
+
+# PgBouncer in front of PostgreSQL (scripts/pgbouncer.sh, deploy/pgbouncer/, docs/deploying.md): Debian's
+# package (bookworm's 1.18.0). The package's own service (/etc/pgbouncer, port 6432) is not used:
+# scripts/pgbouncer.sh runs one with a configuration of its own. Not root: says how.
+PGBOUNCER_FOUND = { command -v pgbouncer || test -x /usr/sbin/pgbouncer; } >/dev/null 2>&1
+install-pgbouncer:
+	@if $(PGBOUNCER_FOUND); then \
+		echo "install-pgbouncer: $$("$$(command -v pgbouncer || echo /usr/sbin/pgbouncer)" --version 2>&1 | head -1) is installed"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends pgbouncer; \
+	else \
+		echo "install-pgbouncer: not root; install Debian's pgbouncer package:"; \
+		echo "    sudo apt-get update && sudo apt-get install -y --no-install-recommends pgbouncer"; \
+		echo "install-pgbouncer: until then the PgBouncer tests are skipped and processes connect to PostgreSQL directly"; \
+	fi
+
+# Prometheus (deploy/prometheus/, docs/operations.md "Metrics"): Debian's package (bookworm's 2.42.0),
+# for its promtool (tests/test_prometheus_config.py checks the configurations and runs the alerts'
+# unit tests with it) and a Prometheus to scrape `make run` (deploy/prometheus/prometheus-local.yml).
+# The package's own service (/etc/prometheus, 0.0.0.0:9090) is not used. Not root: says how.
+install-prometheus:
+	@if command -v promtool >/dev/null 2>&1; then \
+		echo "install-prometheus: $$(promtool --version 2>&1 | head -1) is installed"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; \
+	else \
+		echo "install-prometheus: not root; install Debian's prometheus package:"; \
+		echo "    sudo apt-get update && sudo apt-get install -y --no-install-recommends prometheus"; \
+		echo "install-prometheus: until then the promtool checks in tests/test_prometheus_config.py are skipped"; \
 	fi
 
 # --- helpers (Python run with Django set up) -----------------------------------------
@@ -260,6 +292,7 @@ run: not-running install-nginx migrate collectstatic seed superuser
 		"  health      $$web/healthz   $$web/readyz" \
 		"  front door  $$front_door" \
 		"  Flower      http://127.0.0.1:$$FLOWER_PORT/   login $$flower_login" \
+		"  metrics     http://127.0.0.1:$$((PORT + 90))/metrics (web), :$$((PORT + 190)) orders, :$$((PORT + 290)) inventory, :$$((PORT + 390)) reports, :$$((PORT + 490)) beat" \
 		"  processes   make status   (or $(VENV)/bin/supervisorctl -c $$conf status)" \
 		"")"; \
 	exec $(PY) scripts/supervisord/foreground.py supervisord -n -c "$$conf"

@@ -12,6 +12,26 @@ import pytest
 from rest_framework.test import APIClient
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    """Tests that want no worker (`no_workers`) run before the first that wants the session's workers.
+
+    Each `no_workers` test met after the workers started stops all three, and
+    the next `workers` test starts them again (seconds per worker on a loaded
+    2-core machine). Run after pytest-django's own ordering (transactional
+    tests last), which this keeps: every `workers` test is transactional, so
+    a moved test stays among the transactional ones. Order is otherwise kept.
+    """
+    first = next((i for i, item in enumerate(items) if "celery_workers" in getattr(item, "fixturenames", ())), None)
+    if first is None:
+        return
+    later = items[first:]
+    quiet = [item for item in later if "no_workers" in getattr(item, "fixturenames", ())]
+    if quiet:
+        rest = [item for item in later if "no_workers" not in getattr(item, "fixturenames", ())]
+        items[first:] = quiet + rest
+
+
 @pytest.fixture
 def user(django_user_model):
     return django_user_model.objects.create_user(username="alice", password="alice-password-1")

@@ -68,6 +68,16 @@ def render(report: dict) -> str:
             _row("commit→cancelled", saga["latency_ms"]["commit_to_cancelled"]),
         ]
         lines += _cpu(saga)
+    if "metrics" in report:
+        scraped = ", ".join(
+            f"{group} {made['scrapes']}" + (f" ({made['failed']} failed)" if made["failed"] else "")
+            for group, made in report["metrics"]["endpoints"].items()
+        )
+        out = f"; samples in {report['metrics']['out']}" if report["metrics"].get("out") else ""
+        lines.append(f"metrics on: scrapes every {report['metrics']['interval']:g} s: {scraped}{out}")
+    if "tracing" in report:
+        t = report["tracing"]
+        lines.append(f"tracing on: {t['spans']} spans received in {t['export_requests']} OTLP exports")
     if "ratio" in report:
         lines.append(f"saga/floor: {report['ratio']:.2f}")
     if "audit" in report:

@@ -48,11 +48,12 @@ from ops.audit import audit
 from orders import services
 from orders.models import CancelledOrder, Order
 from project.celery import app
-from testing.workers import SupervisionFailed, Workers
+from testing.workers import SupervisionFailed, Workers, wait_for
 
 from . import isolation
 from .isolation import BenchFailed
 from .models import BenchFloorChain
+from .observe import Scraper
 from .workload import product_create, workload
 
 CHUNK = isolation.CHUNK
@@ -82,6 +83,12 @@ class BenchOptions:
     web_workers: int = 2
     web_threads: int = 4
     web_access_log: bool = True
+    # The spawned stack's metrics (each group counting and serving, as make run sets it up) and tracing
+    # (to a span sink in this process); metrics_out: the scraped samples' JSON file (bench/observe.py).
+    metrics: bool = False
+    tracing: bool = False
+    metrics_out: str | None = None
+    scrape_interval: float = 1.0
     log: Callable[[str], None] = field(default=lambda message: None, repr=False)
     # Writes text to a terminal, for the live progress line; None draws nothing.
     progress: Callable[[str], None] | None = field(default=None, repr=False)
@@ -124,8 +131,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def spawn(options: BenchOptions, run_id: str) -> tuple[Workers, str | None]:
-    """One worker per service queue, and gunicorn for --via api (testing.workers supervises them); and its URL."""
+def spawn(options: BenchOptions, run_id: str, *, otlp_url: str | None = None) -> tuple[Workers, str | None]:
+    """One worker per service queue, and gunicorn for --via api (testing.workers supervises them); and its URL.
+
+    With `options.metrics` each process group counts and serves its metrics on a loopback port of its
+    own (`Workers.metrics_ports`, by group: "web" and each queue); with `otlp_url` every process exports
+    its spans there (OTEL_EXPORTER_OTLP_ENDPOINT, the SDK's other settings at their defaults).
+    """
     env = {
         "ORDERFLOW_BENCH": "1",
         "CELERY_WORKER_PREFETCH_MULTIPLIER": str(options.prefetch_multiplier),
@@ -133,8 +145,14 @@ def spawn(options: BenchOptions, run_id: str) -> tuple[Workers, str | None]:
         # is raised out of reach, and still runs (its cache round trips are measured).
         "ORDER_CREATE_THROTTLE": "1000000/min",
     }
+    if otlp_url:
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp_url
     workers = Workers(
-        Path(settings.VAR_DIR) / "bench-logs" / run_id, env=env, node=f"{{queue}}-bench-{run_id}@%h", faults=False
+        Path(settings.VAR_DIR) / "bench-logs" / run_id,
+        env=env,
+        node=f"{{queue}}-bench-{run_id}@%h",
+        faults=False,
+        metrics=options.metrics,
     )
     url = None
     try:
@@ -155,7 +173,7 @@ def spawn(options: BenchOptions, run_id: str) -> tuple[Workers, str | None]:
             ]  # fmt: skip
             if options.web_access_log:
                 argv += ["--access-logfile", "-"]
-            workers.start_process("web", argv)
+            workers.start_process("web", argv, env=workers.metrics_env("web") if options.metrics else None)
             url = f"http://127.0.0.1:{port}"
         for queue in settings.SERVICE_QUEUES:
             workers.wait_ready(queue)
@@ -570,6 +588,10 @@ def run(options: BenchOptions) -> dict:
         raise BenchFailed("--fail-ratio must be in [0, 1)")
     if options.via == "api" and not (options.url or options.spawn):
         raise BenchFailed("--via api needs --url of a running web server, or --spawn")
+    if (options.metrics or options.tracing or options.metrics_out) and not options.spawn:
+        raise BenchFailed("--metrics, --tracing and --metrics-out set up the processes the bench starts: add --spawn")
+    if options.metrics_out and not options.metrics:
+        raise BenchFailed("--metrics-out needs --metrics")
     n = options.orders
     run_id = timezone.now().strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:6]
     timeout = options.timeout or max(60.0, n / 20)
@@ -584,13 +606,28 @@ def run(options: BenchOptions) -> dict:
     workers = None
     placed: list[int] = []
     user = None
+    collector = scraper = None
     try:
         if options.spawn:
             if options.baseline and not report["environment"]["own_world"]:
                 isolation.check_floor_table()
+            if options.tracing:
+                from testing.otlp import Collector  # opentelemetry-proto: only when tracing
+
+                collector = Collector(keep=False)
+                log(f"tracing on: spans to {collector.url} (counted, not kept)")
             log(f"starting workers{' and web server' if options.via == 'api' else ''}")
-            workers, url = spawn(options, run_id)
+            workers, url = spawn(options, run_id, otlp_url=collector.url if collector else None)
             log(f"workers ready (logs in {workers.directory})")
+            if options.metrics:
+                scraper = Scraper(workers.metrics_ports, interval=options.scrape_interval)
+                try:
+                    wait_for(scraper.answering, timeout=30, interval=0.2, what="every process group's metrics")
+                except SupervisionFailed as exc:
+                    raise BenchFailed(f"{exc} (logs in {workers.directory})") from exc
+                scraper.start()
+                ports = ", ".join(f"{group} :{port}" for group, port in scraper.endpoints.items())
+                log(f"metrics on: scraping {ports} every {options.scrape_interval:g} s")
         else:
             isolation.check_workers(floor=options.baseline)
             url = options.url
@@ -615,6 +652,8 @@ def run(options: BenchOptions) -> dict:
 
         make_client = client_for(lines_for)
 
+        if scraper:
+            scraper.mark("warmup")
         if warmup:
             log(f"warming up: {warmup} orders{' and floor chains' if options.baseline else ''}")
             warm_lines = [{"product": product_create(run_id, "warmup", warmup, price="1.00"), "quantity": 1}]
@@ -644,14 +683,20 @@ def run(options: BenchOptions) -> dict:
             return figures
 
         if options.baseline:
+            if scraper:
+                scraper.mark("floor")
             log(f"floor: {n} chains of three trivial tasks")
             report["floor"] = measured(lambda: run_floor(options, n, timeout, options.progress))
         log(f"saga: {n} orders via {options.via}")
+        if scraper:
+            scraper.mark("saga")
         report["saga"] = measured(
             lambda: run_saga(
                 options, make_client=make_client, n=n, timeout=timeout, placed=placed, progress=options.progress
             )
         )
+        if scraper:
+            scraper.mark("end")
         if options.baseline and report["floor"]["done_per_s"]:
             report["ratio"] = round(report["saga"]["terminal_per_s"] / report["floor"]["done_per_s"], 3)
         violations = audit()
@@ -675,9 +720,20 @@ def run(options: BenchOptions) -> dict:
                 report["error"] = (
                     f"{report.get('error') or 'run'}; orders still moving at clean-up ({exc or 'interrupted'})"
                 )
+        if scraper:
+            scraper.stop()
+            report["metrics"] = {"interval": options.scrape_interval, "endpoints": scraper.summary()}
+            if options.metrics_out:
+                scraper.write(Path(options.metrics_out), run_id=run_id, options=options.as_dict())
+                report["metrics"]["out"] = options.metrics_out
+                log(f"metrics samples written to {options.metrics_out}")
         if workers:
             log("stopping the processes the bench started")
             workers.stop_all(warm=True)
+        if collector:
+            # After the processes stopped: each exports what it still batched as it ends.
+            report["tracing"] = {"spans": collector.span_count, "export_requests": collector.requests}
+            collector.stop()
         if options.keep:
             report["kept"] = {"run_id": run_id, "orders": len(placed)}
         elif user is not None:

@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from inventory import public as inventory
 from orders import public as orders
+from project import deadletter
 from project.admin import humanized_age
 from project.saga import human_duration
 from reports import public as reports
@@ -46,6 +47,7 @@ class Compensation:
     order_id: int
     username: str
     reason: str
+    cause: str
     ago: str
 
 
@@ -66,6 +68,31 @@ class ProductLine:
 
 
 @dataclass(frozen=True)
+class DeadLetters:
+    """The dead-letter queue (quorum queues only): its depth, or why it could not be read.
+
+    Its depth only: RabbitMQ cannot show a quorum queue's messages without
+    delivering them, and each delivery returned counts on the message and moves
+    it to the back (project/deadletter.py `peek`), which a page that reloads
+    itself must not do. `manage.py deadletter list` shows them on demand.
+    """
+
+    depth: int
+    error: str = ""
+
+
+def dead_letters() -> DeadLetters | None:
+    """The dead-letter queue as the page shows it; None where there is none (classic queues, embedded broker)."""
+    if not settings.QUORUM_QUEUES:
+        return None
+    try:
+        depth = deadletter.depth(timeout=settings.BROKER_PUBLISH_TIMEOUT_SECONDS)
+    except Exception as exc:  # the page still shows the database's numbers
+        return DeadLetters(0, f"{type(exc).__name__}: {exc}")
+    return DeadLetters(depth)
+
+
+@dataclass(frozen=True)
 class Dashboard:
     now: datetime
     by_status: dict[str, int]
@@ -78,6 +105,7 @@ class Dashboard:
     products_limit: int
     timeout_seconds: int
     deadline: str
+    dead_letters: DeadLetters | None = None
 
 
 def dashboard_data(*, now: datetime | None = None) -> Dashboard:
@@ -99,7 +127,7 @@ def dashboard_data(*, now: datetime | None = None) -> Dashboard:
     ]
 
     compensations = [
-        Compensation(c.order_id, c.username, c.reason, humanized_age(c.cancelled_at, now))
+        Compensation(c.order_id, c.username, c.reason, c.cause, humanized_age(c.cancelled_at, now))
         for c in orders.latest_cancellations(limit=REASONS_SHOWN)
     ]
 
@@ -122,6 +150,7 @@ def dashboard_data(*, now: datetime | None = None) -> Dashboard:
         products_limit=PRODUCTS_SHOWN,
         timeout_seconds=settings.SAGA_TIMEOUT_SECONDS,
         deadline=human_duration(settings.ORDER_DEADLINE_SECONDS),
+        dead_letters=dead_letters(),
     )
 
 

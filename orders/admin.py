@@ -463,19 +463,19 @@ def _ids(order_ids: list[int]) -> str:
 
 @admin.register(CancelledOrder)
 class CancelledOrderAdmin(ReadOnlyAdmin):
-    list_display = ("order_id", "username", "short_reason", "status_before", "created_at", "cancelled_at")
-    list_filter = ("status_before",)
+    list_display = ("order_id", "username", "cause", "short_reason", "status_before", "created_at", "cancelled_at")
+    list_filter = ("cause", "status_before")
     search_fields = ("order_id__exact", "username", "reason")
     search_help_text = "Order id (exact), username, or words of the reason."
     ordering = ("-cancelled_at",)
     fieldsets = (
-        (None, {"fields": ("order_id", "user", "username", "reason", "status_before")}),
+        (None, {"fields": ("order_id", "user", "username", "reason", "cause", "status_before")}),
         ("Lines", {"fields": ("lines_table", "total")}),
         ("Saga", {"fields": ("dispatch_attempts", "created_at", "cancelled_at")}),
         ("Raw", {"classes": ("collapse",), "fields": ("lines_json", "idempotency_key", "request_fingerprint")}),
     )
     readonly_fields = (
-        "order_id", "user", "username", "reason", "status_before", "lines_table", "total", "dispatch_attempts",
+        "order_id", "user", "username", "reason", "cause", "status_before", "lines_table", "total", "dispatch_attempts",
         "created_at", "cancelled_at", "lines_json", "idempotency_key", "request_fingerprint",
     )  # fmt: skip
 

@@ -4,6 +4,17 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
+from project.saga import CAUSE_DEADLINE, CAUSE_INFRASTRUCTURE, CAUSE_REFUSED, CAUSE_USER
+
+
+class CancelCause(models.TextChoices):
+    """Why an order was cancelled, as a class (project.saga's CAUSE_*; docs/design.md, "Outcomes")."""
+
+    REFUSED = CAUSE_REFUSED, "refused by a service"
+    USER = CAUSE_USER, "cancelled by a user"
+    DEADLINE = CAUSE_DEADLINE, "deadline passed"
+    INFRASTRUCTURE = CAUSE_INFRASTRUCTURE, "a step failed (not a refusal)"
+
 
 class Order(models.Model):
     """An order; the row is also the saga's outbox record.
@@ -30,12 +41,19 @@ class Order(models.Model):
     # Why the order is being cancelled when someone asked for it (a user, the
     # sweeper); failures of the saga's own steps are recorded by their services.
     cancel_reason = models.TextField(blank=True)
+    # The class of cancel_reason (user, or deadline from the sweeper).
+    cancel_cause = models.CharField(max_length=16, choices=CancelCause.choices, blank=True)
     # The status the order had when compensation started (kept on its CancelledOrder).
     cancelled_from = models.CharField(max_length=16, choices=Status.choices, blank=True)
     failure_reason = models.TextField(blank=True)
+    # The class of the failure a step's compensation message carried (project.saga.SagaStep._fail).
+    failure_cause = models.CharField(max_length=16, choices=CancelCause.choices, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     confirmed_at = models.DateTimeField(null=True, blank=True)
+    # The W3C traceparent of the request that placed it ("00-<trace id>-<span id>-01"; "" with tracing
+    # off): a re-dispatch's trace links to the order's first one (project.tracing.linked_root).
+    traceparent = models.CharField(max_length=55, blank=True, default="")
 
     class Meta:
         ordering = ["-id"]
@@ -102,6 +120,8 @@ class CancelledOrder(models.Model):
     # Why, for people; and, when inventory refused the stock, why as data:
     # [{"product", "code", "wanted", "available"}, …] (inventory.exceptions).
     reason = models.TextField()
+    # The reason's class: what metrics count and alerts watch (an infrastructure cause is a defect to look at).
+    cause = models.CharField(max_length=16, choices=CancelCause.choices)
     refusal = models.JSONField(default=list, blank=True)
     status_before = models.CharField(max_length=16)
     dispatch_attempts = models.PositiveIntegerField(default=0)

@@ -115,6 +115,7 @@ class Cancellation:
     order_id: int
     username: str
     reason: str
+    cause: str  # orders.models.CancelCause's value
     cancelled_at: datetime
 
 
@@ -123,6 +124,6 @@ def latest_cancellations(*, limit: int) -> list[Cancellation]:
     rows = (
         CancelledOrder.objects.using(service_db("orders"))
         .order_by("-cancelled_at", "-order_id")
-        .values_list("order_id", "username", "reason", "cancelled_at")[:limit]
+        .values_list("order_id", "username", "reason", "cause", "cancelled_at")[:limit]
     )
     return [Cancellation(*row) for row in rows]

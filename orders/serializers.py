@@ -106,8 +106,15 @@ class CancelledOrderOutputSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = CancelledOrder
-        fields = ["id", "status", "reason", "refusal", "user", "lines", "created_at", "cancelled_at"]
+        fields = ["id", "status", "reason", "cause", "refusal", "user", "lines", "created_at", "cancelled_at"]
         read_only_fields = fields
+        extra_kwargs = {
+            "cause": {
+                "help_text": "Why, as a class: `refused` (a service refused the order: see `refusal`), `user` (its "
+                "owner or staff cancelled it), `deadline` (its deadline passed first), `infrastructure` (a step "
+                "failed on a fault that is not a refusal; passing outages are retried and never end here)."
+            }
+        }
 
     @extend_schema_field({"type": "string", "enum": ["cancelled"]})
     def get_status(self, obj) -> str:

@@ -10,6 +10,7 @@ order at its deadline (docs/design.md, "The order row is the outbox record").
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,6 +24,8 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from inventory import public as inventory
+from project import logging as log_context
+from project import metrics, tracing
 from project.db import Statement, after_commit, service_db
 from project.http.errors import Conflict, InvalidInput
 from project.lines import InvalidLines, OrderLines
@@ -30,7 +33,7 @@ from project.saga import BROKER_ERRORS, SagaAborted, describe, faults, human_dur
 from project.saga.inflight import held_order_ids
 from reports import public as reports
 
-from .models import CancelledOrder, Order, OrderLine, SweepLease
+from .models import CancelCause, CancelledOrder, Order, OrderLine, SweepLease
 from .saga import compensation_saga, order_saga
 
 logger = logging.getLogger(__name__)
@@ -47,6 +50,24 @@ STAFF_CANCEL_REASON = "cancelled by staff user {username!r}"
 ADMIN_CANCEL_REASON = "cancelled by staff user {username!r} in the admin"
 # Usernames are at most 150 characters in Django's user model; a custom one may allow more.
 _REASON_USERNAME_MAX = 150
+# How project.saga.SagaStep words a step that failed on a fault, not a refusal.
+_STEP_FAULT = re.compile(r"^[a-z_]+\.[a-z_]+ failed: ")
+
+
+def cause_of(reason: str) -> str:
+    """The CancelCause of a reason that came without one, read from the words orderflow writes.
+
+    For compensation messages from a worker of the version before causes
+    (and migration 0008's records): a cancel by someone, the order deadline,
+    a step's fault (``"<task> failed: …"``), else a service's refusal.
+    """
+    if reason.startswith("cancelled by "):  # USER_CANCEL_REASON, STAFF_CANCEL_REASON, ADMIN_CANCEL_REASON
+        return CancelCause.USER
+    if reason.startswith("order deadline passed"):
+        return CancelCause.DEADLINE
+    if _STEP_FAULT.match(reason):
+        return CancelCause.INFRASTRUCTURE
+    return CancelCause.REFUSED
 
 
 def _db() -> str:
@@ -96,13 +117,28 @@ def _publish(saga, order_id: int) -> None:
         Order.objects.using(_db()).filter(pk=order_id, status=PENDING).update(last_dispatched_at=None)
 
 
-def _dispatch(order: Order, lines: list[OrderLine] | None = None) -> None:
+def _publish_again(saga, order_id: int, traceparent: str) -> None:
+    """`_publish` in a trace of its own that links to the order's first one (`traceparent`, "" for none).
+
+    A re-dispatch's steps are the new trace's, not the original's
+    (whose root span ended long ago); the link leads from one to the other.
+    """
+    with tracing.linked_root("orders.order_redispatch", traceparent, order_id=order_id):
+        _publish(saga, order_id)
+
+
+def _dispatch(order: Order, lines: list[OrderLine] | None = None, *, linked_to: str | None = None) -> None:
     """Publish the saga once the order's transaction commits.
 
     robust: if the broker is down the order is still committed and the client
     still gets its 202; the order stays pending and the sweeper publishes it.
+    `linked_to`: a re-dispatch, published in a new trace linked to this
+    traceparent (the order's `traceparent`).
     """
-    after_commit(_db(), _publish, order_saga(order, lines), order.pk, robust=True)
+    if linked_to is None:
+        after_commit(_db(), _publish, order_saga(order, lines), order.pk, robust=True)
+    else:
+        after_commit(_db(), _publish_again, order_saga(order, lines), order.pk, linked_to, robust=True)
 
 
 def order_create(*, user: AbstractBaseUser, lines: OrderLines | Any, idempotency_key: str | None = None) -> PlacedOrder:
@@ -148,8 +184,12 @@ def order_create(*, user: AbstractBaseUser, lines: OrderLines | Any, idempotency
                 request_fingerprint=fingerprint,
                 dispatch_attempts=1,
                 last_dispatched_at=timezone.now(),
+                traceparent=tracing.current_traceparent(),
             )
             order.save(using=_db(), force_insert=True)
+            # The request's span and log lines name the order from here on.
+            tracing.annotate(order_id=order.pk)
+            log_context.bind(order_id=order.pk)
             # bulk_create reads the new keys back (RETURNING) on PostgreSQL and SQLite alike.
             created_lines = OrderLine.objects.using(_db()).bulk_create(
                 [
@@ -164,6 +204,8 @@ def order_create(*, user: AbstractBaseUser, lines: OrderLines | Any, idempotency
                 ]
             )
             _dispatch(order, created_lines)
+            if metrics.enabled():  # counted once the order commits (project/metrics.py)
+                after_commit(_db(), metrics.order_placed, robust=True)
     except IntegrityError:
         # Two requests with one Idempotency-Key raced; the other one won.
         if idempotency_key is None:
@@ -180,19 +222,27 @@ def order_create(*, user: AbstractBaseUser, lines: OrderLines | Any, idempotency
 # once (project.db.Statement; the A/B in docs/performance.md).
 _CONFIRM = Statement(
     Order,
-    "UPDATE {table} SET {status} = %s, {confirmed_at} = %s, {updated_at} = %s WHERE {id} = %s AND {status} = %s",
+    "UPDATE {table} SET {status} = %s, {confirmed_at} = %s, {updated_at} = %s WHERE {id} = %s AND {status} = %s"
+    " RETURNING {created_at}",
     params=["status", "confirmed_at", "updated_at", "id", "status"],
+    returns=["created_at"],
 )
 
 
 def order_confirm(*, order_id: int) -> str:
     """The saga's last step: pending → confirmed. A no-op when already confirmed.
 
-    One conditional UPDATE (the row lock is the statement's own); only when it
-    changed nothing is the order read to tell a duplicate from an abort.
+    One conditional UPDATE (the row lock is the statement's own), returning the
+    order's commit time for the commit→confirmed latency (project/metrics.py)
+    instead of a second read; only when it changed nothing is the order read
+    to tell a duplicate from an abort.
     """
     now = timezone.now()
-    if _CONFIRM.execute(CONFIRMED, now, now, order_id, PENDING, using=_db()):
+    changed = _CONFIRM.fetch(CONFIRMED, now, now, order_id, PENDING, using=_db())
+    if changed is not None:
+        if metrics.enabled():  # counted once the confirm commits (project/metrics.py)
+            (created_at,) = changed
+            after_commit(_db(), metrics.order_confirmed, created_at, robust=True)
         return CONFIRMED
     if Order.objects.using(_db()).filter(pk=order_id, status=CONFIRMED).exists():
         return CONFIRMED
@@ -200,7 +250,14 @@ def order_confirm(*, order_id: int) -> str:
 
 
 def order_compensate(
-    *, order_id: int, reason: str = "", force: bool = False, failure: str = "", robust: bool = False
+    *,
+    order_id: int,
+    reason: str = "",
+    force: bool = False,
+    failure: str = "",
+    cause: str = "",
+    robust: bool = False,
+    new_trace: str = "",
 ) -> bool:
     """Mark the order `cancelling` and publish the compensation chain.
 
@@ -208,9 +265,15 @@ def order_compensate(
     message by that step; possibly more than once for one failure), from a
     user's cancel (`reason`, `force`: a confirmed order is undone too) and
     from the sweeper (`reason`: the order's deadline passed; or none, to
-    re-publish compensation). A confirmed order is left alone unless forced:
-    its saga finished, whatever a late failure says. Returns whether
-    compensation was published.
+    re-publish compensation). `cause` is the reason's (or failure's)
+    CancelCause value; without one it is read from the words (`cause_of`).
+    The first reason and the first failure are kept, each with its cause. A
+    confirmed order is left alone unless forced: its saga finished, whatever
+    a late failure says. `new_trace`: the sweeper's, whose own span is no
+    part of the order's trace: the name of a root span ("orders.order_expire")
+    the chain is published in, a new trace linked to the order's
+    (`Order.traceparent`), as a re-dispatch is. Returns whether compensation
+    was published.
     """
     with transaction.atomic(using=_db()):
         order = Order.objects.using(_db()).select_for_update().filter(pk=order_id).first()
@@ -225,17 +288,35 @@ def order_compensate(
             if order.status != CANCELLING:
                 order.cancelled_from = order.status
             order.status = CANCELLING
-            order.cancel_reason = order.cancel_reason or reason
-            order.failure_reason = order.failure_reason or failure
+            if reason and not order.cancel_reason:
+                order.cancel_reason, order.cancel_cause = reason, cause or cause_of(reason)
+            if failure and not order.failure_reason:
+                order.failure_reason, order.failure_cause = failure, cause or cause_of(failure)
             order.save(
-                using=_db(), update_fields=["status", "cancelled_from", "cancel_reason", "failure_reason", "updated_at"]
-            )
+                using=_db(),
+                update_fields=[
+                    "status", "cancelled_from", "cancel_reason", "cancel_cause", "failure_reason", "failure_cause",
+                    "updated_at",
+                ],
+            )  # fmt: skip
         # A task wants a publish failure raised (it retries); a web request
         # (robust) wants its 202: the order is `cancelling` either way and the
         # sweeper re-publishes compensation for orders left so.
-        after_commit(_db(), compensation_saga(order_id).apply_async, robust=robust)
+        if new_trace:
+            after_commit(
+                _db(), _compensate_in_new_trace, compensation_saga(order_id), new_trace, order.traceparent, order_id,
+                order.cancel_cause, robust=robust,
+            )  # fmt: skip
+        else:
+            after_commit(_db(), compensation_saga(order_id).apply_async, robust=robust)
     logger.info("order %s: compensation started (%s)", order_id, reason or failure or "published again")
     return True
+
+
+def _compensate_in_new_trace(chain, name: str, traceparent: str, order_id: int, cause: str) -> None:
+    """Publish an order's compensation `chain` in a trace of its own (root span `name`) linked to `traceparent`."""
+    with tracing.linked_root(name, traceparent, order_id=order_id, cancel_cause=cause or None):
+        chain.apply_async()
 
 
 def _cancel_reason(order: Order) -> str:
@@ -247,6 +328,15 @@ def _cancel_reason(order: Order) -> str:
         or order.failure_reason
         or f"cancelled while {order.cancelled_from or order.status}; no step reported why"
     )
+
+
+def _cancel_cause(order: Order) -> str:
+    """The class of `_cancel_reason(order)`: the asked cancel's, else the failed step's, else a refusal's if any."""
+    if order.cancel_reason:
+        return order.cancel_cause or cause_of(order.cancel_reason)
+    if order.failure_cause:
+        return order.failure_cause
+    return CancelCause.REFUSED if inventory.order_refusal(order.pk) else CancelCause.INFRASTRUCTURE
 
 
 def order_delete(*, order_id: int) -> CancelledOrder | None:
@@ -275,6 +365,7 @@ def order_delete(*, order_id: int) -> CancelledOrder | None:
                 for line in order.lines.all()
             ],
             reason=_cancel_reason(order),
+            cause=_cancel_cause(order),
             # A user's or the sweeper's cancel is the reason even if a step failed too.
             refusal=[] if order.cancel_reason else inventory.order_refusal(order.pk),
             status_before=order.cancelled_from or order.status,
@@ -282,6 +373,8 @@ def order_delete(*, order_id: int) -> CancelledOrder | None:
             created_at=order.created_at,
         )
         order.delete()
+        if metrics.enabled():  # counted once the deletion commits: never for a duplicate delivery
+            after_commit(_db(), metrics.order_cancelled, cancelled.cause, order.created_at, robust=True)
     logger.info("order %s deleted: %s", order_id, cancelled.reason)
     return cancelled
 
@@ -319,6 +412,9 @@ def order_cancel(*, order: Order, actor: AbstractBaseUser, in_admin: bool = Fals
     publishes its compensation again.
     """
     reason = cancel_reason_for(order=order, actor=actor, in_admin=in_admin)
+    # The cancel's request (its own trace) links to the order's trace.
+    tracing.annotate(order_id=order.pk)
+    tracing.link_current(order.traceparent)
     if reason != USER_CANCEL_REASON:
         logger.info(
             "order %s: cancel asked by user %s (id %s), not its owner, %s",
@@ -328,7 +424,7 @@ def order_cancel(*, order: Order, actor: AbstractBaseUser, in_admin: bool = Fals
             "in the admin" if in_admin else "through the API",
             extra={"order_id": order.pk, "actor_id": actor.pk, "actor_username": actor.get_username()},
         )
-    return order_compensate(order_id=order.pk, reason=reason, force=True, robust=True)
+    return order_compensate(order_id=order.pk, reason=reason, cause=CancelCause.USER, force=True, robust=True)
 
 
 def order_redispatch(*, order_id: int, dispatched_before=None) -> bool:
@@ -348,7 +444,7 @@ def order_redispatch(*, order_id: int, dispatched_before=None) -> bool:
         order.dispatch_attempts = F("dispatch_attempts") + 1
         order.last_dispatched_at = Now()
         order.save(using=_db(), update_fields=["dispatch_attempts", "last_dispatched_at", "updated_at"])
-        _dispatch(order)
+        _dispatch(order, linked_to=order.traceparent)
     logger.warning("order %s re-dispatched", order_id)
     return True
 
@@ -414,7 +510,9 @@ def saga_sweep(*, in_flight: Callable[[], set[int] | None] = held_order_ids) -> 
             f"order deadline passed after {human_duration(settings.ORDER_DEADLINE_SECONDS)}: "
             f"{_where_it_stands(order_id)}"
         )
-        counts["expired"] += order_compensate(order_id=order_id, reason=reason)
+        counts["expired"] += order_compensate(
+            order_id=order_id, reason=reason, cause=CancelCause.DEADLINE, new_trace="orders.order_expire"
+        )
 
     cutoff = Now() - timedelta(seconds=settings.SAGA_TIMEOUT_SECONDS)
     quiet = list(
@@ -440,7 +538,9 @@ def saga_sweep(*, in_flight: Callable[[], set[int] | None] = held_order_ids) -> 
                 if order_id in lost & suspected and orders.filter(
                     pk=order_id, status=CANCELLING, updated_at__lt=cutoff
                 ).update(updated_at=Now()):
-                    counts["recompensated"] += order_compensate(order_id=order_id)
+                    counts["recompensated"] += order_compensate(
+                        order_id=order_id, new_trace="orders.order_recompensate"
+                    )
     if any(counts[kind] for kind in ("published", "expired", "redispatched", "recompensated")):
         logger.warning("saga sweep: %s", counts)
     elif counts["deferred"]:

@@ -70,6 +70,9 @@ from django.conf import settings
 from kombu import Connection, Producer
 from kombu.exceptions import OperationalError
 from kombu.pools import ProducerPool
+from kombu.utils.url import sanitize_url
+
+from project import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +213,9 @@ def _broker_key(connection: Connection | None) -> str:
         return ""
     key = getattr(connection, "_orderflow_broker_key", None)
     if key is None:
-        key = connection._orderflow_broker_key = connection.as_uri()
+        # A failover list (a cluster's nodes) is one broker: a node down is no outage while another takes messages.
+        key = ";".join(sanitize_url(url) for url in connection.alt) if connection.alt else connection.as_uri()
+        connection._orderflow_broker_key = key
     return key
 
 
@@ -347,7 +352,14 @@ def bounded_connection(connection: Connection, deadline: float) -> Iterator[floa
             saved = connection.connect_timeout
             connection.connect_timeout = remaining
             try:
-                connection.ensure_connection(max_retries=0, interval_start=0, interval_step=0, interval_max=0)
+                # One attempt per node of a failover list (CELERY_BROKER_URL "amqp://…;amqp://…"): kombu
+                # moves to the next node after each failed connect (Connection.maybe_switch_next), and
+                # stays on the one that answered. A refused node costs a round trip; an unreachable one
+                # can take what is left of the bound.
+                connection.ensure_connection(
+                    max_retries=max(len(connection.alt), 1) - 1,
+                    interval_start=0, interval_step=0, interval_max=0, timeout=remaining,
+                )  # fmt: skip
             finally:
                 connection.connect_timeout = saved
         remaining = deadline - monotonic()
@@ -518,6 +530,15 @@ class BoundedProducer(Producer):
         return bounded_publish(self, bounded, what=f"a message to {kwargs.get('exchange') or 'the default exchange'}")
 
 
+def _failure_kind(exc: BaseException) -> str:
+    """How a publish failed, for project.metrics: blocked, timeout, unavailable, or refused (the broker said no)."""
+    if isinstance(exc, BrokerBlocked):
+        return "blocked"
+    if isinstance(exc, BrokerUnavailable):
+        return "timeout" if "timed out" in exc.reason or "no time left" in exc.reason else "unavailable"
+    return "refused"
+
+
 class AMQP(celery_amqp.AMQP):
     """Celery's AMQP helper: its one task-publishing function bounded by `bounded_publish`, its producers bounded."""
 
@@ -544,7 +565,14 @@ class AMQP(celery_amqp.AMQP):
             def publish(left: float) -> Any:
                 return send(producer, name, message, **{**options, "timeout": left, "confirm_timeout": left})
 
-            return bounded_publish(producer, publish, what=name)
+            started = monotonic()
+            try:
+                result = bounded_publish(producer, publish, what=name)
+            except Exception as exc:
+                metrics.publish_ended(name, monotonic() - started, _failure_kind(exc))
+                raise
+            metrics.publish_ended(name, monotonic() - started)
+            return result
 
         return send_task_message
 

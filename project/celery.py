@@ -4,10 +4,21 @@ import os
 import time
 
 from celery import Celery
-from celery.signals import beat_init, celeryd_after_setup, task_postrun, task_prerun, worker_init
+from celery.signals import (
+    beat_init,
+    celeryd_after_setup,
+    task_postrun,
+    task_prerun,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
+)
 from django.conf import settings
 from django.db import connections
 
+# Metrics: importing it connects its Celery signals (saga task counts, the exporter).
+from project import metrics  # noqa: F401
 from project.admission import Admission
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
@@ -67,7 +78,9 @@ def _consume_compensation_queues(sender=None, instance=None, **kwargs):
     queues = instance.app.amqp.queues
     for service, compensation in settings.COMPENSATION_QUEUES.items():
         if service in queues.consume_from and compensation not in queues.consume_from:
-            queues.select_add(compensation)
+            # The configured Queue, not its name: a name would be redeclared with Celery's defaults,
+            # without the quorum arguments (PRECONDITION_FAILED against the queue as declared).
+            queues.select_add(queues[compensation])
 
 
 # Celery runs Django's system checks when a worker starts, but goes on whatever
@@ -77,12 +90,53 @@ def _consume_compensation_queues(sender=None, instance=None, **kwargs):
 @worker_init.connect
 def _check_settings_at_worker_start(sender=None, **kwargs):
     from project.checks import refuse_to_start
+    from project.queues import verify_at_start
 
     refuse_to_start("celery worker")
+    # Existing queues of the other type would make every declare fail with PRECONDITION_FAILED.
+    verify_at_start(app, "celery worker")
 
 
 @beat_init.connect
 def _check_settings_at_beat_start(sender=None, **kwargs):
     from project.checks import refuse_to_start
+    from project.queues import verify_at_start
 
     refuse_to_start("celery beat")
+    verify_at_start(app, "celery beat")
+
+
+# Tracing (project/tracing.py): on only with OTEL_EXPORTER_OTLP_ENDPOINT set.
+# Per pool process, after the fork: the span exporter's thread does not survive one.
+@worker_process_init.connect
+def _trace_pool_process(**kwargs):
+    from project import tracing
+
+    tracing.setup("worker")
+
+
+@worker_process_shutdown.connect
+def _flush_pool_process_spans(**kwargs):
+    from project import tracing
+
+    tracing.shutdown()
+
+
+# A worker without a forking pool (-P solo or threads) runs its tasks in the main process.
+@worker_init.connect
+def _trace_unforked_worker(sender=None, **kwargs):
+    from celery.concurrency import get_implementation
+    from celery.concurrency.prefork import TaskPool
+
+    pool = get_implementation(sender.pool_cls)  # a name ("prefork", "processes", "solo") or the class
+    if not (isinstance(pool, type) and issubclass(pool, TaskPool)):
+        from project import tracing
+
+        tracing.setup("worker")
+
+
+@worker_shutdown.connect
+def _flush_unforked_worker_spans(**kwargs):
+    from project import tracing
+
+    tracing.shutdown()

@@ -8,9 +8,12 @@ error; `celery worker` and `celery beat` run them too and refuse to start
 ignores what they find. docs/operations.md ("Timeouts and retries, together")
 explains each one; SILENCED_SYSTEM_CHECKS skips one by id.
 
-Every check is an Error: each contradiction either kills a worker
+Every settings check is an Error: each contradiction either kills a worker
 (RabbitMQ's consumer_timeout), lets the sweeper take a running saga for a lost
-one, or cancels orders that could complete.
+one, or cancels orders that could complete. orderflow.W014 is a database check
+(run by migrate and `manage.py check --database ALIAS`): a Warning, because
+migrate itself is what puts right what it finds; the same check turns PgBouncer's
+refusal of Django's startup options into orderflow.E015, which names the setting.
 """
 
 import sys
@@ -18,8 +21,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from django.conf import settings
-from django.core.checks import CheckMessage, Error, register, run_checks
+from django.core.checks import CheckMessage, Error, Tags, Warning, register, run_checks
+from django.db import DatabaseError, connections
 
+from project.db import pooling
 from project.lines import MAX_QUANTITY
 
 TAG = "orderflow"
@@ -37,6 +42,11 @@ def _error(number: int, msg: str, hint: str) -> Error:
 def _amqp() -> bool:
     """Whether the broker is RabbitMQ (or another AMQP broker), the one with a consumer timeout."""
     return settings.CELERY_BROKER_URL.startswith(AMQP_SCHEMES)
+
+
+def _quorum() -> bool:
+    """Whether the task queues are quorum queues, whose countdown retries wait in RabbitMQ (project/queues.py)."""
+    return _amqp() and settings.BROKER_QUEUE_TYPE == "quorum"
 
 
 @register(TAG)
@@ -85,12 +95,13 @@ def check_retry_backoff(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
 def check_broker_consumer_timeout(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     """orderflow.E004, E005, E011: nothing holds a message unacknowledged as long as RabbitMQ's consumer_timeout.
 
-    A retry's countdown is held, unacknowledged, by the worker that fetched it
-    (up to SAGA_RETRY_BACKOFF_MAX_SECONDS), and a running task holds its own
-    message (acks_late, up to CELERY_TASK_TIME_LIMIT). RabbitMQ closes the
-    channel of a consumer that holds one past `consumer_timeout`
-    (PRECONDITION_FAILED), and the worker exits. Only AMQP brokers have it;
-    0 says the broker enforces none.
+    On classic queues a retry's countdown is held, unacknowledged, by the
+    worker that fetched it (up to SAGA_RETRY_BACKOFF_MAX_SECONDS); on quorum
+    queues it waits in RabbitMQ instead (Celery's native delayed delivery), so
+    E004 does not apply there. A running task holds its own message on either
+    (acks_late, up to CELERY_TASK_TIME_LIMIT). RabbitMQ closes the channel of
+    a consumer that holds one past `consumer_timeout` (PRECONDITION_FAILED),
+    and the worker exits. Only AMQP brokers have it; 0 says the broker enforces none.
     """
     timeout = settings.BROKER_CONSUMER_TIMEOUT_SECONDS
     if timeout < 0:
@@ -106,7 +117,7 @@ def check_broker_consumer_timeout(app_configs: Any = None, **kwargs: Any) -> lis
         return []
     errors = []
     ceiling = settings.SAGA_RETRY_BACKOFF_MAX_SECONDS
-    if ceiling >= timeout:
+    if ceiling >= timeout and not _quorum():
         errors.append(
             _error(
                 4,
@@ -134,7 +145,13 @@ def check_broker_consumer_timeout(app_configs: Any = None, **kwargs: Any) -> lis
 
 @register(TAG)
 def check_saga_timeout(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
-    """orderflow.E006, E007: the sweeper waits longer than a step may run, and longer than a retry may wait."""
+    """orderflow.E006, E007: the sweeper waits longer than a step may run, and longer than a retry may wait.
+
+    E007 is for classic queues, where a retry's countdown is held by a worker
+    and could be asked about only while its worker answers. On quorum queues
+    the countdown waits in RabbitMQ's delayed-delivery queues, which the
+    sweeper reads (project/saga/inflight.py): it never takes such a saga for lost.
+    """
     saga_timeout = settings.SAGA_TIMEOUT_SECONDS
     errors = []
     limit = settings.CELERY_TASK_TIME_LIMIT
@@ -148,7 +165,7 @@ def check_saga_timeout(app_configs: Any = None, **kwargs: Any) -> list[CheckMess
             )
         )
     ceiling = settings.SAGA_RETRY_BACKOFF_MAX_SECONDS
-    if saga_timeout <= ceiling:
+    if saga_timeout <= ceiling and not _quorum():
         errors.append(
             _error(
                 7,
@@ -267,3 +284,52 @@ def check_lock_timeout(app_configs: Any = None, **kwargs: Any) -> list[CheckMess
             "Set e.g. DATABASE_LOCK_TIMEOUT_SECONDS=20 with CELERY_TASK_SOFT_TIME_LIMIT=60",
         )
     ]
+
+
+def _refused_startup_options(alias: str, exc: Exception) -> Error:
+    """orderflow.E015: the server of `alias` refused libpq's startup options, as PgBouncer does."""
+    suffix = "" if alias == "default" else f"_{alias.upper()}"
+    return Error(
+        f"Database {alias!r} refused the connection: {str(exc).strip()}. PgBouncer refuses the startup options "
+        "Django sends straight to PostgreSQL (lock_timeout).",
+        hint=f"Behind PgBouncer set DATABASE_POOLER{suffix}=pgbouncer: no startup options, no server-side cursors, "
+        "and migrate makes lock_timeout the role's default (docs/deploying.md, “PgBouncer”).",
+        id=f"{TAG}.E015",
+    )
+
+
+@register(TAG, Tags.database)
+def check_lock_timeout_in_force(app_configs: Any = None, databases: Iterable[str] | None = None, **kwargs: Any):
+    """orderflow.W014: a transaction on each PostgreSQL alias in `databases` really gets DATABASE_LOCK_TIMEOUT_SECONDS.
+
+    Through PgBouncer (DATABASE_POOLER=pgbouncer) lock_timeout is the role's
+    default in the database, which migrate sets (project/db/pooling.py); a
+    database migrated before, or a role changed by hand, has another. Runs only
+    for the aliases a command names (Django's database checks); a database that
+    does not answer is left to the command's own error, except a PgBouncer that
+    refuses the startup options (DATABASE_POOLER unset): orderflow.E015, with the fix.
+    """
+    found: list[CheckMessage] = []
+    for alias in databases or ():
+        if connections[alias].vendor != "postgresql":
+            continue
+        try:
+            in_force = pooling.lock_timeout_in_force(alias)
+        except DatabaseError as exc:
+            if pooling.REFUSED_STARTUP_OPTIONS in str(exc):
+                found.append(_refused_startup_options(alias, exc))
+            continue
+        if in_force != pooling.lock_timeout_ms():
+            found.append(
+                Warning(
+                    f"Database {alias!r}: a transaction runs with lock_timeout {in_force} ms, not "
+                    f"DATABASE_LOCK_TIMEOUT_SECONDS ({settings.DATABASE_LOCK_TIMEOUT_SECONDS} s): a step waiting "
+                    "for a row lock is not stopped before its soft time limit (orderflow.E013).",
+                    hint=f"Run `manage.py migrate --database={alias}`: it makes lock_timeout the role's default in "
+                    "the database (through PgBouncer no startup option can carry it) and replaces idle sessions; a "
+                    "PgBouncer server connection busy meanwhile keeps the old value until RECONNECT on its console "
+                    "(docs/deploying.md, “PgBouncer”).",
+                    id=f"{TAG}.W014",
+                )
+            )
+    return found

@@ -21,13 +21,34 @@ from pathlib import Path
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
-from kombu import Queue
 
-from project import broker_publish
+from project import broker_publish, queues
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-env = environ.Env()
+
+class _Env(environ.Env):
+    """django-environ's Env, with a number setting's errors named and an empty number meaning its default.
+
+    ``FOO=abc`` for ``env.int("FOO", …)`` raises ImproperlyConfigured ``FOO='abc': expected an
+    integer`` instead of int()'s ``invalid literal for int() with base 10: 'abc'``, which names
+    no setting; ``FOO=`` (set but empty, as compose's ``FOO: ${FOO:-}`` passes it) is the default.
+    """
+
+    _KINDS = {int: "an integer", float: "a number"}
+
+    def get_value(self, var, cast=None, default=environ.Env.NOTSET, parse_default=False):
+        if cast in self._KINDS and default is not environ.Env.NOTSET and self.ENVIRON.get(var, "").strip() == "":
+            return default
+        try:
+            return super().get_value(var, cast=cast, default=default, parse_default=parse_default)
+        except ValueError as exc:
+            if cast not in self._KINDS:
+                raise
+            raise ImproperlyConfigured(f"{var}={self.ENVIRON.get(var)!r}: expected {self._KINDS[cast]}") from exc
+
+
+env = _Env()
 if (BASE_DIR / ".env").is_file():
     environ.Env.read_env(BASE_DIR / ".env")
 
@@ -113,10 +134,12 @@ if env.bool("ORDERFLOW_BENCH", default=False):
     INSTALLED_APPS += ["bench"]
 
 MIDDLEWARE = [
-    # --- issue 15 (permissions helper): no cache keeps an /api/ answer (Cache-Control: no-store, private).
-    # First, so it also marks the errors raised by the middleware below it (a bad Host header).
+    # No cache keeps an /api/ answer (Cache-Control: no-store, private). First, so it also marks
+    # the errors raised by the middleware below it (a bad Host header).
     "project.http.headers.ApiNoStoreMiddleware",
-    # --- end
+    # Every log line of a request on an order carries its order id and trace id (project/logging.py);
+    # the tracing middleware, when on, is put before all.
+    "project.logging.RequestContextMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -161,7 +184,15 @@ TEMPLATES = [
 DATABASE_LOCK_TIMEOUT_SECONDS = env.float("DATABASE_LOCK_TIMEOUT_SECONDS", default=20.0)
 
 
-def _database(url: str, name: str) -> dict:
+# What sits between the processes and PostgreSQL: "" (nothing) or "pgbouncer" (PgBouncer in transaction
+# pooling, docs/deploying.md). DATABASE_POOLER_INVENTORY / _REPORTS name it per split database
+# (default: DATABASE_POOLER). Set it whenever a DATABASE_URL points at a PgBouncer.
+DATABASE_POOLER = env.str("DATABASE_POOLER", default="")
+
+
+def _database(url: str, name: str, pooler: str = "") -> dict:
+    if pooler not in ("", "pgbouncer"):
+        raise ImproperlyConfigured(f"{name}: DATABASE_POOLER {pooler!r} is not one of '' or 'pgbouncer'")
     config = env.db_url_config(url)
     if not config.get("ENGINE"):
         raise ImproperlyConfigured(f"{name}: {url!r} is not a database URL (postgres://… or sqlite:///…)")
@@ -184,20 +215,36 @@ def _database(url: str, name: str) -> dict:
         # A server that does not answer (frozen, or a network that drops packets) fails a connect in
         # seconds instead of hanging a request or a step (libpq's connect_timeout, seconds).
         options.setdefault("connect_timeout", env.int("DATABASE_CONNECT_TIMEOUT_SECONDS", default=5))
-        lock_timeout = f"-c lock_timeout={round(DATABASE_LOCK_TIMEOUT_SECONDS * 1000)}"
-        options["options"] = f"{options['options']} {lock_timeout}" if options.get("options") else lock_timeout
+        if pooler == "pgbouncer":
+            # Transaction pooling: each transaction may run on another server connection.
+            # Django's "Transaction pooling and server-side cursors" (docs/ref/databases): a
+            # server-side cursor (QuerySet.iterator()) outlives its transaction in autocommit and
+            # would be read on a connection that does not have it, so Django must not open any.
+            config["DISABLE_SERVER_SIDE_CURSORS"] = True
+            # CONN_MAX_AGE stays as set: it keeps the client connection to PgBouncer (no PgBouncer
+            # login per request), which holds no server connection between transactions; PgBouncer's
+            # own pool bounds those (default_pool_size). max_client_conn must cover every thread.
+            # No lock_timeout in libpq's startup `options`: PgBouncer 1.18 refuses an untracked startup
+            # parameter. migrate makes it the role's default in the database instead (project/db/pooling.py).
+        else:
+            lock_timeout = f"-c lock_timeout={round(DATABASE_LOCK_TIMEOUT_SECONDS * 1000)}"
+            options["options"] = f"{options['options']} {lock_timeout}" if options.get("options") else lock_timeout
     return config
 
 
 DATABASES = {
     # Unset or empty: the embedded SQLite file.
-    "default": _database(env("DATABASE_URL", default="") or f"sqlite:///{VAR_DIR / 'orderflow.sqlite3'}", "orderflow"),
+    "default": _database(
+        env("DATABASE_URL", default="") or f"sqlite:///{VAR_DIR / 'orderflow.sqlite3'}", "orderflow", DATABASE_POOLER
+    ),
 }
 SERVICE_DATABASES = {"orders": "default", "inventory": "default", "reports": "default"}
 for _service in ("inventory", "reports"):
     _url = env(f"DATABASE_URL_{_service.upper()}", default=None)
     if _url:
-        DATABASES[_service] = _database(_url, _service)
+        DATABASES[_service] = _database(
+            _url, _service, env.str(f"DATABASE_POOLER_{_service.upper()}", default=DATABASE_POOLER)
+        )
         SERVICE_DATABASES[_service] = _service
 DATABASE_ROUTERS = ["project.db.routers.ServiceRouter"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -438,9 +485,42 @@ CELERY_TASK_PUBLISH_RETRY = False
 # Waiting for a free producer (every one busy publishing) is part of the bound too.
 CELERY_BROKER_POOL_ACQUIRE_TIMEOUT = BROKER_PUBLISH_TIMEOUT_SECONDS
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
-CELERY_TASK_QUEUES = [
-    Queue(name, routing_key=name, durable=True) for name in (*SERVICE_QUEUES, *COMPENSATION_QUEUES.values())
-]
+# --- Queue types, delivery limit, dead-letter queue (project/queues.py, docs/celery.md) ----------
+BROKER_IS_AMQP = not CELERY_BROKER_URL.startswith("filesystem")
+# `quorum` (the default): on RabbitMQ every service and compensation queue is a quorum queue
+# (replicated by Raft, always durable), countdown retries wait in RabbitMQ (native delayed
+# delivery) instead of in a worker, and a message that keeps failing is dead-lettered.
+# `classic`: the queues orderflow declared before, for brokers without quorum queues (or
+# existing classic queues not migrated yet: docs/operations.md). The embedded filesystem
+# broker has no queue types and ignores the setting.
+BROKER_QUEUE_TYPE = env("BROKER_QUEUE_TYPE", default="").strip() or "quorum"  # set but empty: the default
+if BROKER_QUEUE_TYPE not in queues.QUEUE_TYPES:
+    raise ValueError(f"BROKER_QUEUE_TYPE={BROKER_QUEUE_TYPE!r}: expected one of {', '.join(queues.QUEUE_TYPES)}")
+# Quorum queues only: a message returned to its queue more than this many times goes to the
+# dead-letter queue instead of round again. RabbitMQ counts a return when the consumer's
+# connection or channel is lost with the message unacknowledged (the whole worker killed
+# mid-task), a reject with requeue (a step past its hard time limit), never an ack: a step's
+# retry and a lost pool process's retry are new messages, which start at 0. 20 is RabbitMQ
+# 4.0's own default for quorum queues: far above what an outage does to one message (a worker
+# restart or two), and it stops a message that kills its worker every time within minutes.
+BROKER_DELIVERY_LIMIT = env.int("BROKER_DELIVERY_LIMIT", default=20)
+if BROKER_DELIVERY_LIMIT < 1:
+    raise ValueError(f"BROKER_DELIVERY_LIMIT={BROKER_DELIVERY_LIMIT}: expected a count >= 1")
+QUORUM_QUEUES = BROKER_IS_AMQP and BROKER_QUEUE_TYPE == "quorum"
+CELERY_TASK_QUEUES = queues.task_queues(
+    (*SERVICE_QUEUES, *COMPENSATION_QUEUES.values()),
+    queue_type=BROKER_QUEUE_TYPE if BROKER_IS_AMQP else "classic",
+    delivery_limit=BROKER_DELIVERY_LIMIT,
+)
+if QUORUM_QUEUES:
+    # Anything Celery declares by itself uses the same exchange and type; native delayed
+    # delivery's own celery_delayed_* queues are quorum queues too (Celery's default).
+    CELERY_TASK_DEFAULT_EXCHANGE = queues.TASK_EXCHANGE
+    CELERY_TASK_DEFAULT_EXCHANGE_TYPE = "topic"
+    CELERY_TASK_DEFAULT_QUEUE_TYPE = "quorum"
+    CELERY_BROKER_NATIVE_DELAYED_DELIVERY_QUEUE_TYPE = "quorum"
+# Celery turns global QoS off by itself on quorum queues, which do not support it
+# (worker_detect_quorum_queues, True by default; celery/worker/consumer/tasks.py).
 CELERY_TASK_DEFAULT_QUEUE = "orders"
 # --- Which worker runs which task (project/admission.py, docs/security.md) -----------
 # A worker runs only the tasks of the services whose queues it consumes (`-Q inventory`:
@@ -484,6 +564,14 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = env.int("CELERY_WORKER_PREFETCH_MULTIPLIER",
 # How long a worker waits for a result from a pool process that died before
 # declaring the job lost (and redelivering it).
 CELERY_WORKER_LOST_WAIT = env.float("CELERY_WORKER_LOST_WAIT", default=10.0)
+# Celery's consumer, with native delayed delivery set up on the node the worker reached rather than on
+# every node of a failover list (a node that is down held every reconnect for 15 s: project/delayed_delivery.py).
+CELERY_WORKER_CONSUMER = "project.delayed_delivery:Consumer"
+# Each worker's remote-control queue (<node>.celery.pidbox) is auto-deleted and expires, but not
+# exclusive to one connection (Celery's default since 5.5): a worker that fails over to another node
+# of the cluster redeclares it on a new connection while RabbitMQ may still hold the old one's
+# exclusive lock, and RESOURCE_LOCKED ends the worker (seen in tests/test_cluster.py after a node stop).
+CELERY_CONTROL_QUEUE_EXCLUSIVE = False
 # /readyz reports a service queue as "stalled" when messages wait and no consumer
 # took one for this long (project/http/health.py; seconds).
 CONSUMER_STALL_SECONDS = env.float("CONSUMER_STALL_SECONDS", default=60.0)
@@ -543,3 +631,36 @@ LOGGING = {
         "django.db.backends": {"level": "WARNING"},
     },
 }
+
+# --- Metrics (Prometheus; docs/operations.md, "Metrics") ----------------------------
+# METRICS_PORT: the port this process group's exporter listens on (gunicorn's master, a Celery
+# worker's main process); unset or 0: none is served. METRICS_ADDRESS: where it listens, loopback
+# by default so nothing outside the machine reads it (compose sets 0.0.0.0 inside its network and
+# publishes no port). Counting needs PROMETHEUS_MULTIPROC_DIR, one directory per process group,
+# set by the launcher (prometheus-client reads it as it loads): make run and compose set both.
+METRICS_PORT = env.int("METRICS_PORT", default=0)
+METRICS_ADDRESS = env.str("METRICS_ADDRESS", default="127.0.0.1")
+if not 0 <= METRICS_PORT < 65536:
+    raise ValueError(f"METRICS_PORT={METRICS_PORT}: expected a port number (0: no metrics served)")
+# METRICS_DATABASE=1: with metrics on, django-prometheus's database engines too (its django_db_*
+# counters of connections, statements, errors and statement time per alias). Off by default: they
+# took metrics past 5 % of the API burst's throughput in every round measured (docs/performance.md,
+# "What metrics and tracing cost"); off, metrics have the middleware's HTTP metrics only.
+METRICS_DATABASE = env.bool("METRICS_DATABASE", default=False)
+# Each Django engine and django-prometheus's subclass of it (the same wrapper, with each cursor's
+# execute counted and timed): OPTIONS, the pooler's DISABLE_SERVER_SIDE_CURSORS and the rest stay.
+_PROMETHEUS_ENGINES = {
+    "django.db.backends.postgresql": "django_prometheus.db.backends.postgresql",
+    "django.db.backends.sqlite3": "django_prometheus.db.backends.sqlite3",
+}
+if env.str("PROMETHEUS_MULTIPROC_DIR", default=""):
+    # django-prometheus's request, response and latency metrics (its middleware).
+    # First and last, so they time everything between.
+    MIDDLEWARE = [
+        "django_prometheus.middleware.PrometheusBeforeMiddleware",
+        *MIDDLEWARE,
+        "django_prometheus.middleware.PrometheusAfterMiddleware",
+    ]
+    if METRICS_DATABASE:
+        for _config in DATABASES.values():
+            _config["ENGINE"] = _PROMETHEUS_ENGINES.get(_config["ENGINE"], _config["ENGINE"])

@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 # The Debian package's own scripts. /usr/sbin/rabbitmq-server is a wrapper that
 # changes to the rabbitmq user and reads /etc/rabbitmq; these are the scripts it runs.
@@ -51,7 +52,8 @@ _ports_lock = threading.Lock()
 _ports_given: set[int] = set()
 # Instances started and not removed yet, with the pid of the process that started them:
 # removed at that process's exit if a caller could not (never by a forked child's exit).
-_live: dict[int, tuple[int, "RabbitMQNode | PostgresCluster"]] = {}
+# (testing/cluster.py registers its RabbitMQCluster here too: anything with a remove() method.)
+_live: dict[int, tuple[int, Any]] = {}
 
 
 @atexit.register
@@ -170,6 +172,17 @@ def _tail(path: Path, chars: int = 3000) -> str:
 # --- RabbitMQ ---------------------------------------------------------------------------------
 
 
+def start_epmd(port: int, env: dict[str, str]) -> subprocess.Popen:
+    """An Erlang port mapper of our own on 127.0.0.1:`port`, in a session of its own (not waited for)."""
+    return subprocess.Popen(  # noqa: S603 (fixed arguments)
+        ["epmd", "-port", str(port), "-address", "127.0.0.1"],  # noqa: S607
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
 class RabbitMQNode:
     """A private RabbitMQ node: its own node name, ports, folders, Erlang cookie and epmd.
 
@@ -188,20 +201,35 @@ class RabbitMQNode:
     consumer's channel with PRECONDITION_FAILED. None: RabbitMQ's default
     (30 minutes in 3.10).
 
+    `epmd_port`: the port of an epmd that the caller runs and shares between
+    nodes (testing/cluster.py: nodes of one cluster must find each other in
+    one port mapper); the node then neither starts nor stops an epmd.
+    `extra_config`: more rabbitmq.conf lines (e.g. "cluster_partition_handling = pause_minority").
+
     Raises InstanceError from `start` and `ctl` with the end of the node's
     log when the node does not come up or a command fails.
     """
 
-    def __init__(self, directory: Path, *, consumer_timeout: int | None = None, start_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        consumer_timeout: int | None = None,
+        start_timeout: float = 60.0,
+        epmd_port: int | None = None,
+        extra_config: Iterable[str] = (),
+    ) -> None:
         self.directory = Path(directory).resolve()
         self.consumer_timeout = consumer_timeout
         self.start_timeout = start_timeout
+        self.extra_config = list(extra_config)
         self.nodename = f"drill-{os.getpid()}-{next(_names)}@localhost"
         self.port = free_port(*AMQP_PORTS)
         # The CLI listens on the distribution port + 10000 (RABBITMQ_CTL_DIST_PORT_MIN below),
         # away from the shared broker's 25672 and its CLI's 35672-35682.
         self.dist_port = free_port(*RABBITMQ_DIST_PORTS)
-        self.epmd_port = free_port(*EPMD_PORTS)
+        self.own_epmd = epmd_port is None
+        self.epmd_port = free_port(*EPMD_PORTS) if epmd_port is None else epmd_port
         self._server: subprocess.Popen | None = None
         self._epmd: subprocess.Popen | None = None
         self._frozen: list[int] = []
@@ -268,6 +296,7 @@ class RabbitMQNode:
         ]
         if self.consumer_timeout is not None:
             config.append(f"consumer_timeout = {int(self.consumer_timeout)}")
+        config += self.extra_config
         (d / "rabbitmq.conf").write_text("\n".join(config) + "\n")
 
     # --- life cycle
@@ -285,16 +314,11 @@ class RabbitMQNode:
         self._write_files()
         _live[id(self)] = (os.getpid(), self)
         env = self.env()
-        self._epmd = subprocess.Popen(  # noqa: S603 (fixed arguments)
-            ["epmd", "-port", str(self.epmd_port), "-address", "127.0.0.1"],  # noqa: S607
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        if self.own_epmd:
+            self._epmd = start_epmd(self.epmd_port, env)
         self._deadline = time.monotonic() + self.start_timeout
         while not _port_open(self.epmd_port):
-            if self._epmd.poll() is not None or time.monotonic() > self._deadline:
+            if (self._epmd is not None and self._epmd.poll() is not None) or time.monotonic() > self._deadline:
                 self.stop()
                 raise InstanceError(f"epmd did not start on port {self.epmd_port}")
             time.sleep(0.05)

@@ -9,13 +9,17 @@ pytest-django's test database.
 Fault drills that block, freeze or stop a broker or a database ask for
 `rabbitmq_node`, `postgres_cluster` or `drill_stack`: a RabbitMQ node and a
 PostgreSQL cluster of the test's own (testing/instances.py), and the whole
-system running on them (testing/stack.py), all removed after the test. Such
-tests get the `private_instances` marker by themselves.
+system running on them (testing/stack.py), all removed after the test;
+`pgbouncer` puts a PgBouncer of the test's own in front of one (testing/pgbouncer.py);
+`rabbitmq_cluster` and `cluster_stack` are the same with a three-node
+RabbitMQ cluster (testing/cluster.py). Such tests get the `private_instances`
+marker by themselves.
 """
 
 import contextlib
 import itertools
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,12 +27,21 @@ import pytest
 from django.conf import settings
 from pytest_django.fixtures import validate_django_db
 
+from testing.cluster import RabbitMQCluster
 from testing.instances import PostgresCluster, RabbitMQNode, postgres_available, rabbitmq_available, tmpfs
+from testing.pgbouncer import PgBouncer, pgbouncer_available
 from testing.stack import Stack
-from testing.workers import Workers, purge_queues, quiesce
+from testing.workers import Workers, purge_queues, quiesce, test_environment
 
 # The fixtures that start private instances; a test using one is marked `private_instances`.
-PRIVATE_INSTANCE_FIXTURES = {"rabbitmq_node", "postgres_cluster", "drill_stack"}
+PRIVATE_INSTANCE_FIXTURES = {
+    "rabbitmq_node",
+    "postgres_cluster",
+    "drill_stack",
+    "pgbouncer",
+    "rabbitmq_cluster",
+    "cluster_stack",
+}
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -79,13 +92,15 @@ _SESSION_WORKERS: list[Workers] = []
 def celery_workers(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Workers]:
     """One real worker process per service queue, for the whole session."""
     purge_queues()
-    workers = Workers(tmp_path_factory.mktemp("workers"))
+    # Counting metrics as production does (tests/test_metrics.py scrapes them; every saga test runs the code),
+    # django-prometheus's database engines included (METRICS_DATABASE, off by default): every test with
+    # real processes runs them, and tests/test_metrics.py reads their counts.
+    workers = Workers(
+        tmp_path_factory.mktemp("workers"), metrics=True, env=test_environment() | {"METRICS_DATABASE": "1"}
+    )
     _SESSION_WORKERS.append(workers)
     try:
-        for queue in settings.SERVICE_QUEUES:
-            workers.start(queue)
-        for queue in settings.SERVICE_QUEUES:
-            workers.wait_ready(queue)
+        workers.start_services()
         yield workers
     finally:
         workers.stop_all()
@@ -111,9 +126,17 @@ def no_workers() -> Iterator[None]:
 def workers(celery_workers: Workers, transactional_db) -> Iterator[Workers]:
     """Real workers, with committed data they can see, and no faults unless a test sets them."""
     celery_workers.clear_faults()
-    for queue in settings.SERVICE_QUEUES:  # a test may have killed one
-        if queue not in celery_workers.processes or celery_workers.processes[queue].poll() is not None:
-            celery_workers.restart(queue)
+    # A test may have killed or stopped some: start them all, then wait, so their boots overlap.
+    missing = [
+        queue
+        for queue in settings.SERVICE_QUEUES
+        if queue not in celery_workers.processes or celery_workers.processes[queue].poll() is not None
+    ]
+    for queue in missing:
+        celery_workers.stop(queue)
+        celery_workers.start(queue)
+    for queue in missing:
+        celery_workers.wait_ready(queue)
     celery_workers.mark_logs()
     yield celery_workers
     celery_workers.clear_faults()
@@ -177,20 +200,17 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
         yield cluster
 
 
-@pytest.fixture
-def drill_stack(rabbitmq_node, postgres_cluster, tmp_path_factory) -> Iterator[Callable[..., Stack]]:
-    """drill_stack(**settings) -> a started Stack on the private node and cluster (about 6 s), stopped after the test.
-
-    Settings are environment variables for every process of the stack
-    (`drill_stack(SAGA_TIMEOUT_SECONDS=30)`). Each call gets a database of its
-    own (orderflow_1, orderflow_2, ...) and, after the first, a vhost of its own.
-    """
+@contextlib.contextmanager
+def _stacks(broker, postgres_cluster, tmp_path_factory) -> Iterator[Callable[..., Stack]]:
+    """make(**settings) -> a started Stack on `broker` (a RabbitMQNode or RabbitMQCluster: `url`, `add_vhost`)
+    and `postgres_cluster`; every one made is stopped on exit. Each call gets a database of its own
+    (orderflow_1, orderflow_2, ...) and, after the first, a vhost of its own (stack2, ...)."""
     stacks: list[Stack] = []
 
     def make(**overrides) -> Stack:
         n = len(stacks) + 1
         database_url = postgres_cluster.create_database(f"orderflow_{n}")
-        broker_url = rabbitmq_node.url if n == 1 else rabbitmq_node.add_vhost(f"stack{n}")
+        broker_url = broker.url if n == 1 else broker.add_vhost(f"stack{n}")
         stack = Stack(
             tmp_path_factory.mktemp("stack"),
             database_url=database_url,
@@ -205,6 +225,74 @@ def drill_stack(rabbitmq_node, postgres_cluster, tmp_path_factory) -> Iterator[C
     finally:
         for stack in stacks:
             stack.stop()
+
+
+@pytest.fixture
+def drill_stack(rabbitmq_node, postgres_cluster, tmp_path_factory) -> Iterator[Callable[..., Stack]]:
+    """drill_stack(**settings) -> a started Stack on the private node and cluster (about 6 s), stopped after the test.
+
+    Settings are environment variables for every process of the stack
+    (`drill_stack(SAGA_TIMEOUT_SECONDS=30)`). Each call gets a database of its
+    own (orderflow_1, orderflow_2, ...) and, after the first, a vhost of its own.
+    """
+    with _stacks(rabbitmq_node, postgres_cluster, tmp_path_factory) as make:
+        yield make
+
+
+@pytest.fixture
+def pgbouncer() -> Iterator[Callable[..., PgBouncer]]:
+    """pgbouncer(upstream_port=..., pool_size=20, ...) -> a started PgBouncer (testing/pgbouncer.py), removed after.
+
+    In transaction pooling on a free loopback port, in front of the given
+    PostgreSQL (upstream_host 127.0.0.1 unless given), pass or fail. Skipped
+    where Debian's pgbouncer package is missing (make install-pgbouncer), failed
+    under CI=true, where .ci/run installs it.
+    """
+    reason = pgbouncer_available()
+    if reason:
+        # CI installs it first (.ci/run, make install-pgbouncer): there a missing PgBouncer is a failure.
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"no private PgBouncer under CI: {reason}")
+        pytest.skip(f"no private PgBouncer: {reason}")
+    started: list[PgBouncer] = []
+
+    def make(**options) -> PgBouncer:
+        # Not under pytest's tmp folder (root's, mode 0700): PgBouncer run by root switches to
+        # the postgres user, who must reach its files.
+        bouncer = PgBouncer(Path(tempfile.mkdtemp(prefix="orderflow-pgbouncer-")), **options)
+        started.append(bouncer)
+        return bouncer.start()
+
+    try:
+        yield make
+    finally:
+        for bouncer in started:
+            bouncer.remove()
+
+
+@pytest.fixture
+def rabbitmq_cluster(request, tmp_path_factory) -> Iterator[RabbitMQCluster]:
+    """A three-node RabbitMQ cluster of this test's own (testing/cluster.py; 15-40 s to start), removed after it.
+
+    Skipped where the rabbitmq-server package is missing. A test that also uses
+    `postgres_cluster` gets it made first.
+    """
+    reason = rabbitmq_available()
+    if reason:
+        pytest.skip(f"no private RabbitMQ cluster: {reason}")
+    if "postgres_cluster" in request.fixturenames:
+        request.getfixturevalue("postgres_cluster")
+    with RabbitMQCluster(tmp_path_factory.mktemp("rabbitmq-cluster"), size=3) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_stack(rabbitmq_cluster, postgres_cluster, tmp_path_factory) -> Iterator[Callable[..., Stack]]:
+    """cluster_stack(**settings) -> a started Stack on the private cluster's failover URL list and a private
+    PostgreSQL cluster, stopped after the test. As `drill_stack`: a database (orderflow_N) per call, and after
+    the first a vhost (stackN) of its own."""
+    with _stacks(rabbitmq_cluster, postgres_cluster, tmp_path_factory) as make:
+        yield make
 
 
 @pytest.fixture

@@ -23,7 +23,9 @@ from celery.utils.nodenames import host_format
 from django.conf import settings
 from django.db import connections
 
+from project import queues
 from project.celery import app as celery_app
+from testing.instances import free_port
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 # The saga timeout the test workers and beat use in tests that run the sweeper.
@@ -61,22 +63,51 @@ def database_url(alias: str, *, name: str | None = None) -> str:
     return f"postgres://{auth}@{config['HOST'] or '127.0.0.1'}:{config['PORT'] or 5432}/{quote(name)}"
 
 
+def _held_by_broker() -> list[str]:
+    """Queues other than the task queues that hold our messages: on quorum queues, delayed delivery and dead letters."""
+    if not settings.QUORUM_QUEUES:
+        return []
+    return [*queues.delayed_delivery_queues(), queues.DEAD_LETTER_QUEUE]
+
+
 def purge_queues() -> None:
-    """Declare and empty every service queue on the configured broker."""
+    """Declare and empty every service queue on the configured broker (and, on quorum queues, delayed and dead ones).
+
+    A queue an earlier run left with other arguments (classic queues from before
+    BROKER_QUEUE_TYPE=quorum, another delivery limit) makes the declaration fail
+    with PRECONDITION_FAILED: it is deleted and declared again. The suite and the
+    bench own their vhost and empty these queues anyway; a production broker gets
+    the migration steps instead (project.queues.QueueTypeMismatch).
+    """
     with celery_app.connection_for_write() as connection:
-        channel = connection.default_channel
         for queue in settings.CELERY_TASK_QUEUES:
-            queue(channel).declare()
-            queue(channel).purge()
+            try:
+                with connection.channel() as channel:
+                    queue(channel).declare()
+            except connection.channel_errors as exc:
+                print(f"testing: {queue.name} was declared with other arguments ({exc}): deleted, declared again")
+                with connection.channel() as channel:
+                    channel.queue_delete(queue.name)
+                with connection.channel() as channel:
+                    queue(channel).declare()
+            with connection.channel() as channel:
+                queue(channel).purge()
+        for name in _held_by_broker():
+            with contextlib.suppress(*connection.channel_errors), connection.channel() as other:
+                other.queue_purge(name)  # a queue not declared yet: nothing to purge
 
 
 def _queued_messages() -> int:
+    """Messages ready in the task queues and, on quorum queues, retries waiting in delayed delivery."""
+    names = [*settings.SERVICE_QUEUES, *settings.COMPENSATION_QUEUES.values()]
+    if settings.QUORUM_QUEUES:
+        names += queues.delayed_delivery_queues()
+    total = 0
     with celery_app.connection_for_write() as connection:
-        channel = connection.default_channel
-        return sum(
-            channel.queue_declare(queue=q, passive=True).message_count
-            for q in (*settings.SERVICE_QUEUES, *settings.COMPENSATION_QUEUES.values())
-        )
+        for name in names:
+            with contextlib.suppress(*connection.channel_errors), connection.channel() as channel:
+                total += channel.queue_declare(queue=name, passive=True).message_count
+    return total
 
 
 def _busy_workers(nodes: list[str]) -> int:
@@ -162,6 +193,7 @@ class Workers:
     it they get `test_environment()`. `node` names each worker (`{queue}` is
     filled in, `%h` is the host). With `faults`, the children read a faults
     file in `directory` (project/saga/faults.py), which `set_faults` rewrites.
+    With `metrics`, each worker counts and serves its metrics (`metrics_env`).
     """
 
     def __init__(
@@ -171,6 +203,7 @@ class Workers:
         env: Mapping[str, str] | None = None,
         node: str = "{queue}-test@%h",
         faults: bool = True,
+        metrics: bool = False,
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -181,6 +214,9 @@ class Workers:
             self.faults_file = self.directory / "faults.json"
             self.faults_file.write_text("{}")
         self.processes: dict[str, subprocess.Popen] = {}
+        #: process name -> the port its metrics exporter listens on (METRICS_PORT), kept across restarts
+        self.metrics_ports: dict[str, int] = {}
+        self.metrics = metrics
         self.logs: dict[str, str] = {}  # process name -> its log file's name
         self.log_offsets: dict[str, int] = {}
 
@@ -266,13 +302,30 @@ class Workers:
         ]  # fmt: skip
         if pool:
             argv += ["-P", pool]
-        self.start_process(queue, [*argv, *options], log=f"worker-{queue}")
+        env = self.metrics_env(queue) if self.metrics else None
+        self.start_process(queue, [*argv, *options], log=f"worker-{queue}", env=env)
+
+    def metrics_env(self, name: str) -> dict[str, str]:
+        """The metrics of process group `name` (project/metrics.py): its own multiprocess folder and loopback port.
+
+        The port is picked once per name and kept across restarts, so a test
+        scrapes http://127.0.0.1:{metrics_ports[name]}/metrics whenever it asks.
+        """
+        if name not in self.metrics_ports:
+            self.metrics_ports[name] = free_port()
+        return {
+            "PROMETHEUS_MULTIPROC_DIR": str(self.directory / "metrics" / name),
+            "METRICS_PORT": str(self.metrics_ports[name]),
+            "METRICS_ADDRESS": "127.0.0.1",
+        }
 
     def start_beat(self) -> None:
+        """Start `celery beat` (its schedule file in this folder), serving its metrics as the workers do."""
         self.start_process(
             "beat",
             [sys.executable, "-m", "celery", "-A", "project", "beat", "-l", "INFO",
              "-s", str(self.directory / "beat-schedule")],
+            env=self.metrics_env("beat") if self.metrics else None,
         )  # fmt: skip
 
     def tail(self, name: str, chars: int = 3000) -> str:
@@ -296,6 +349,13 @@ class Workers:
             return any(node in reply for reply in celery_app.control.ping(destination=[node], timeout=0.5) or [])
 
         wait_for(ready, timeout=timeout, interval=0.1, what=f"the {queue} worker to start")
+
+    def start_services(self) -> None:
+        """A worker for every service queue, all started before any is waited for (they boot side by side)."""
+        for queue in settings.SERVICE_QUEUES:
+            self.start(queue)
+        for queue in settings.SERVICE_QUEUES:
+            self.wait_ready(queue)
 
     def node_names(self) -> list[str]:
         """The node names of the service workers still running."""

@@ -386,6 +386,59 @@ def test_nginx_answers_the_apis_json_503_while_gunicorn_is_down(tmp_path):
         processes.stop()
 
 
+def test_nginx_logs_json_lines_whose_request_id_joins_djangos_lines(tmp_path):
+    """nginx's access line is JSON and names nginx's request id, which gunicorn gets as X-Request-ID:
+    the web's lines about the request (LOG_FORMAT=json) carry the same id. A client's own X-Request-ID
+    is replaced, never trusted."""
+    front, backend = free_port(), free_port()
+    upstream = f"127.0.0.1:{backend}"
+    processes = Processes(tmp_path, process_env(tmp_path, LOG_FORMAT="json"))
+    try:
+        processes.start("web", PORT=str(backend), WEB_BIND=upstream)
+        processes.start("proxy", NGINX_LISTEN=f"127.0.0.1:{front}", NGINX_UPSTREAM=upstream)
+        wait_for(
+            lambda: processes.check_alive() or get(front, "/healthz", timeout=2)[0] == 200,
+            timeout=60, interval=0.2, what="/healthz through nginx",
+        )  # fmt: skip
+
+        status, _, _, _ = get(front, "/api/?page=1", timeout=10, headers={"X-Request-ID": "chosen-by-the-client"})
+        assert status is not None
+
+        def logged(name: str, predicate) -> list[dict]:
+            entries = []
+            for line in (tmp_path / f"{name}.log").read_text(errors="replace").splitlines():
+                if line.startswith("{"):
+                    entry = json.loads(line)
+                    if predicate(entry):
+                        entries.append(entry)
+            return entries
+
+        def nginx_line():
+            found = logged("proxy", lambda e: e.get("logger") == "nginx.access" and e.get("path") == "/api/")
+            return found[0] if found else None
+
+        entry = wait_for(nginx_line, timeout=10, what="nginx's access line")
+        assert (entry["method"], entry["query"], entry["status"], entry["level"]) == ("GET", "page=1", status, "INFO")
+        assert entry["request_id"] != "chosen-by-the-client" and len(entry["request_id"]) == 32
+        assert isinstance(entry["duration_s"], int | float) and isinstance(entry["pid"], int)
+        web = wait_for(
+            lambda: logged("web", lambda e: e.get("logger") == "gunicorn.access" and e.get("path") == "/api/"),
+            timeout=10,
+            what="gunicorn's access line",
+        )
+        assert [line.get("request_id") for line in web] == [entry["request_id"]]
+        # Straight to gunicorn, an X-Request-ID that is not a plain token is not logged.
+        get(backend, "/api/orders/", timeout=10, headers={"X-Request-ID": 'not a token: {"x": 1}'})
+        direct = wait_for(
+            lambda: logged("web", lambda e: e.get("logger") == "gunicorn.access" and e.get("path") == "/api/orders/"),
+            timeout=10,
+            what="the direct request's line",
+        )
+        assert "request_id" not in direct[0]
+    finally:
+        processes.stop()
+
+
 # --- Flower -----------------------------------------------------------------------------
 
 

@@ -270,8 +270,10 @@ def test_a_forged_message_in_celerys_older_protocol_is_refused_too(workers, user
     task_id = str(uuid.uuid4())
     body = {"task": "inventory.stock_release", "id": task_id, "args": [], "kwargs": {"order_id": order_id}}
 
+    # The exchange the queue is bound to: the default queue's direct one, or on quorum queues the topic one.
+    exchange = app.amqp.queues["inventory.compensation"].exchange.name
     with app.producer_or_acquire() as producer:
-        producer.publish(body, exchange=settings.CELERY_TASK_DEFAULT_QUEUE, routing_key="inventory.compensation",
+        producer.publish(body, exchange=exchange, routing_key="inventory.compensation",
                          serializer="json", delivery_mode=2)  # fmt: skip
 
     line = wait_refused(workers, "inventory", task_id)

@@ -23,7 +23,9 @@ from orders.models import CancelledOrder, Order
 from testing import BASE_DIR
 from testing.permissions import grant
 
-pytestmark = pytest.mark.django_db
+# HTTP through DRF and Django model permissions: no database or broker shape can change a cell,
+# so CI runs the matrix in one shape (pyproject.toml, docs/testing.md#ci).
+pytestmark = [pytest.mark.django_db, pytest.mark.shape_independent]
 
 PAGE = BASE_DIR / "docs" / "api.md"
 SECTION = "## Who may do what"

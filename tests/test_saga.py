@@ -112,6 +112,7 @@ def test_insufficient_stock_deletes_the_order_with_its_reason(workers, user, mak
     assert wait_terminal(order_id) == {order_id: "cancelled"}
     cancelled = CancelledOrder.objects.get(pk=order_id)
     assert cancelled.reason == f"insufficient stock for product {lamp.pk}: wanted 3, have 1"
+    assert cancelled.cause == "refused"
     assert cancelled.username == user.username
     assert cancelled.lines == [{"product": lamp.pk, "product_name": lamp.name, "unit_price": "120.00", "quantity": 3}]
     assert not Order.objects.filter(pk=order_id).exists()
@@ -134,7 +135,8 @@ def test_report_step_failure_releases_the_reserved_stock(workers, user, make_pro
     order_id = place(user, (product, 3))
 
     assert wait_terminal(order_id) == {order_id: "cancelled"}
-    assert CancelledOrder.objects.get(pk=order_id).reason == "injected failure in reports.sale_record"
+    cancelled = CancelledOrder.objects.get(pk=order_id)
+    assert (cancelled.reason, cancelled.cause) == ("injected failure in reports.sale_record", "refused")
     assert stock(product) == 4
     reservation = StockReservation.objects.get(order_id=order_id)
     assert reservation.released_at is not None  # it was reserved, then given back
@@ -188,11 +190,12 @@ def test_transient_errors_are_retried_until_the_order_deadline_then_compensated_
     order_id = place(user, (product, 2))
 
     assert wait_terminal(order_id) == {order_id: "cancelled"}
-    reason = CancelledOrder.objects.get(pk=order_id).reason
-    assert reason == (
+    cancelled = CancelledOrder.objects.get(pk=order_id)
+    assert cancelled.reason == (
         "order deadline passed after 4 s: reports.sale_record could not complete "
         "(OperationalError: injected transient error in reports.sale_record)"
     )
+    assert cancelled.cause == "deadline"
     assert (
         len(re.findall(rf"reports\.sale_record for order {order_id} hit OperationalError", workers.log("reports"))) >= 3
     )
@@ -252,7 +255,8 @@ def test_every_undo_delivered_twice_has_one_effect(workers, user, make_product):
     assert report(product).units_sold == 0
     assert report(product).orders_count == 0
     assert CancelledOrder.objects.filter(pk=order_id).count() == 1
-    assert CancelledOrder.objects.get(pk=order_id).reason == "cancelled by user"
+    cancelled = CancelledOrder.objects.get(pk=order_id)
+    assert (cancelled.reason, cancelled.cause) == ("cancelled by user", "user")
     assert workers.log("orders").count(f"order {order_id} deleted") == 1
 
 
@@ -431,7 +435,9 @@ def test_bad_lines_for_a_valid_order_are_refused_and_compensated(workers, user, 
     saga.apply_async()
 
     assert wait_terminal(order.pk) == {order.pk: "cancelled"}
-    assert "must be positive integers" in CancelledOrder.objects.get(pk=order.pk).reason
+    cancelled = CancelledOrder.objects.get(pk=order.pk)
+    assert "must be positive integers" in cancelled.reason
+    assert cancelled.cause == "refused"
     assert stock(product) == 5
     assert workers.log("inventory").count(f"stock_reserve for order {order.pk} failed") == 1
 

@@ -155,3 +155,58 @@ def test_spawned_it_runs_in_a_database_and_broker_of_its_own(transactional_db, m
     assert list(get_user_model().objects.all()) == [user]
     banner = (tmp_path / "bench" / "bench-logs" / report["run_id"] / "worker-inventory.log").read_text()
     assert "inventory.bench_floor" in banner
+
+
+@pytest.mark.saga
+def test_spawned_with_metrics_and_tracing_the_scrapes_agree_with_the_orders_and_spans_arrive(tmp_path):
+    """The whole stack (three workers and gunicorn) counting, served, scraped every second, and traced.
+
+    In a world of its own on the embedded default (SQLite and the filesystem broker under
+    tmp_path), whatever this suite's own database is: nothing here reads the test database.
+    """
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'orderflow.sqlite3'}",
+        "ORDERFLOW_VAR_DIR": str(tmp_path),
+        "CELERY_BROKER_URL": "",
+        "DJANGO_SETTINGS_MODULE": "project.settings",
+    }
+    for inherited in ("PROMETHEUS_MULTIPROC_DIR", "METRICS_PORT", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        env.pop(inherited, None)  # the bench sets them per process; none of this process's may leak in
+    samples = tmp_path / "samples.json"
+    result = subprocess.run(
+        [sys.executable, "manage.py", "bench_orders", "--spawn", "--via", "api", "--orders", "10",
+         "--concurrency", "2", "--warmup", "2", "--metrics-out", str(samples), "--tracing", "--json"],
+        cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=170, check=False,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["ok"], report.get("error")
+    assert report["options"]["metrics"] and report["options"]["tracing"]
+    scraped = report["metrics"]["endpoints"]
+    assert set(scraped) == {"web", "orders", "inventory", "reports"}
+    assert all(made["scrapes"] >= 2 and made["failed"] == 0 for made in scraped.values()), scraped
+    # Every order (the 2 warm-up ones too) is at least a POST, and a publish and a run of each forward step.
+    assert report["tracing"]["spans"] >= 7 * 12
+
+    document = json.loads(samples.read_text())
+    assert [phase["name"] for phase in document["phases"]] == ["warmup", "saga", "end"]
+    last = {scrape["group"]: scrape["samples"] for scrape in document["scrapes"][-4:]}
+
+    def total(name: str, **labels: str) -> float:
+        return sum(
+            value
+            for samples in last.values()
+            for sample, sample_labels, value in samples
+            if sample == name and labels.items() <= sample_labels.items()
+        )
+
+    saga = report["saga"]
+    assert total("orderflow_orders_placed_total") == 12  # by the web: the POSTs
+    assert total("orderflow_orders_confirmed_total") == saga["confirmed"] + 2
+    assert total("orderflow_orders_cancelled_total", cause="refused") == saga["cancelled"]
+    assert total("orderflow_saga_task_runs_total", task="inventory.stock_reserve") == 12
+    assert total("django_http_requests_total_by_method_total", method="POST") == 12
+    assert total("orderflow_orders_pending") == 0
+    assert {labels["queue"] for sample, labels, _ in last["inventory"] if sample == "orderflow_broker_queue_messages"}

@@ -231,3 +231,28 @@ def test_the_refresh_interval_can_be_changed_or_stopped(admin_client, query, sec
     else:
         assert 'http-equiv="refresh"' not in content
         assert "Not reloading" in content
+
+
+def test_the_dead_letter_queue_is_shown_on_quorum_queues_only(admin_client, settings):
+    # On RabbitMQ with quorum queues the tile and the table read the dead-letter queue (project/deadletter.py);
+    # elsewhere there is none, and nothing is shown.
+    page = admin_client.get(url() + "?refresh=0").content.decode()
+    if settings.QUORUM_QUEUES:
+        assert 'id="status-dead-letters"' in page and 'id="dead-letters"' in page
+        assert "Could not read it" not in page
+    else:
+        assert 'id="status-dead-letters"' not in page and 'id="dead-letters"' not in page
+        assert dashboard.dead_letters() is None
+
+
+def test_a_dead_letter_queue_that_cannot_be_read_is_said_so(admin_client, settings, monkeypatch):
+    settings.QUORUM_QUEUES = True
+
+    def unreachable(**_):
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(dashboard.deadletter, "depth", unreachable)
+    page = admin_client.get(url() + "?refresh=0").content.decode()
+
+    assert "Could not read it: TimeoutError: timed out" in page
+    assert 'id="status-dead-letters" class="warn"' in page

@@ -355,7 +355,8 @@ def test_a_cancelled_orders_history_shows_who_cancelled_it(admin_client, user, m
     assert [(e.user.username, e.change_message) for e in page.context["action_list"]] == [
         ("root", "Cancel: compensation started (cancelled by staff user 'root' in the admin).")
     ]
-    assert CancelledOrder.objects.get(pk=order.pk).reason == "cancelled by staff user 'root' in the admin"
+    cancelled = CancelledOrder.objects.get(pk=order.pk)
+    assert (cancelled.reason, cancelled.cause) == ("cancelled by staff user 'root' in the admin", "user")
 
 
 def test_redispatch_action_bumps_attempts_of_pending_orders_only(

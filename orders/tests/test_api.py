@@ -360,7 +360,7 @@ def test_get_a_pending_order(api, product, user):
 
 def test_get_a_cancelled_order_is_410_with_the_reason(api, product, user):
     order = place(user, product)
-    services.order_compensate(order_id=order.pk, reason="out of apples")
+    services.order_compensate(order_id=order.pk, reason="out of apples", cause="refused")
     services.order_delete(order_id=order.pk)
 
     response = api.get(detail(order.pk))
@@ -370,6 +370,7 @@ def test_get_a_cancelled_order_is_410_with_the_reason(api, product, user):
     assert body["id"] == order.pk
     assert body["status"] == "cancelled"
     assert body["reason"] == "out of apples"
+    assert body["cause"] == "refused"
     assert body["refusal"] == []
     assert body["lines"][0]["product"] == product.pk
 

@@ -404,6 +404,7 @@ def test_order_cancel_by_someone_else_names_them(user, other_user, django_user_m
 
     assert Order.objects.get(pk=api_order.pk).cancel_reason == "cancelled by staff user 'bob'"
     assert Order.objects.get(pk=admin_order.pk).cancel_reason == "cancelled by staff user 'bob' in the admin"
+    assert {Order.objects.get(pk=o.pk).cancel_cause for o in (api_order, admin_order)} == {"user"}
     assert services.cancel_reason_for(order=api_order, actor=user, in_admin=True) == services.USER_CANCEL_REASON
     assert services.cancel_reason_for(order=api_order, actor=long_name) == (
         "cancelled by staff user '" + "m" * 149 + "…'"
@@ -648,6 +649,7 @@ def test_sweep_cancels_an_order_at_its_deadline_naming_the_step_it_waited_for(
         waiting.pk: "order deadline passed after 3 h: inventory.stock_reserve did not complete",
         reserved.pk: "order deadline passed after 3 h: reports.sale_record did not complete",
     }
+    assert set(Order.objects.filter(status=CANCELLING).values_list("cancel_cause", flat=True)) == {"deadline"}
     assert Order.objects.get(pk=young.pk).status == PENDING
 
 
@@ -850,3 +852,45 @@ def test_a_sweep_that_hits_a_bug_fails_loudly(monkeypatch):
 
     with pytest.raises(ZeroDivisionError):
         tasks.saga_sweep.run()
+
+
+# --- why, as a class: CancelledOrder.cause --------------------------------------------------
+
+
+@pytest.mark.parametrize(("reason", "cause"), [
+    ("cancelled by user", "user"),
+    ("cancelled by staff user 'bob' in the admin", "user"),
+    ("order deadline passed after 3 h: inventory.stock_reserve did not complete", "deadline"),
+    ("reports.sale_record failed: RuntimeError: injected bug in reports.sale_record", "infrastructure"),
+    ("insufficient stock for product 7: wanted 3, have 1", "refused"),
+    ("product 9 does not exist", "refused"),
+])  # fmt: skip
+def test_a_reason_without_a_cause_is_classified_by_its_words(reason, cause):
+    # A compensation message from a worker of the version before causes carries none.
+    assert services.cause_of(reason) == cause
+
+
+def test_the_cancel_asked_wins_over_a_step_failure_and_each_keeps_its_first_cause(user, make_product):
+    order = place(user, (make_product(), 1))
+
+    services.order_compensate(order_id=order.pk, failure="injected failure in reports.sale_record", cause="refused")
+    services.order_compensate(order_id=order.pk, failure="reports.sale_record failed: a bug", cause="infrastructure")
+    services.order_compensate(order_id=order.pk, reason="order deadline passed after 3 h: …", cause="deadline")
+    services.order_compensate(order_id=order.pk, reason="cancelled by user", cause="user")
+    kept = Order.objects.get(pk=order.pk)
+    cancelled = services.order_delete(order_id=order.pk)
+
+    assert (kept.failure_reason, kept.failure_cause) == ("injected failure in reports.sale_record", "refused")
+    assert (kept.cancel_reason, kept.cancel_cause) == ("order deadline passed after 3 h: …", "deadline")
+    assert (cancelled.reason, cancelled.cause) == ("order deadline passed after 3 h: …", "deadline")
+
+
+def test_a_step_failure_alone_gives_its_cause_and_none_at_all_reads_the_refusal(user, make_product):
+    failed = place(user, (make_product(), 1))
+    silent = place(user, (make_product(), 1))
+
+    services.order_compensate(order_id=failed.pk, failure="reports.sale_record failed: a bug", cause="infrastructure")
+    services.order_compensate(order_id=silent.pk)  # the sweeper re-publishing: no reason, no refusal recorded
+
+    assert services.order_delete(order_id=failed.pk).cause == "infrastructure"
+    assert services.order_delete(order_id=silent.pk).cause == "infrastructure"

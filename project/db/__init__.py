@@ -69,10 +69,14 @@ class Statement:
     ORM's.
     """
 
-    def __init__(self, model: type[Model], template: str, *, params: Iterable[str]) -> None:
+    def __init__(
+        self, model: type[Model], template: str, *, params: Iterable[str], returns: Iterable[str] = ()
+    ) -> None:
         self.model = model
         self.template = template
         self.fields = [model._meta.get_field(name) for name in params]
+        # The fields of a ``RETURNING`` clause, in its order (`fetch`).
+        self.returns = [model._meta.get_field(name) for name in returns]
         self._text: dict[str, str] = {}
         self.sql(connections[DEFAULT_DB_ALIAS])  # a misspelt name fails at import, not in a worker
 
@@ -89,10 +93,39 @@ class Statement:
     def execute(self, *values: Any, using: str) -> int:
         """Run the statement with `values` (one per `params`); returns the number of rows it changed."""
         connection = connections[using]
-        params = [field.get_db_prep_save(value, connection) for field, value in zip(self.fields, values, strict=True)]
         with connection.cursor() as cursor:
-            cursor.execute(self.sql(connection), params)
+            cursor.execute(self.sql(connection), self._params(values, connection))
             return cursor.rowcount
+
+    def fetch(self, *values: Any, using: str) -> tuple | None:
+        """Run a statement whose template ends ``RETURNING`` the fields `returns` names, with `values`.
+
+        Returns the first row it returned, each value converted as the ORM
+        converts what it reads (a datetime is aware, whatever the database),
+        or None when it changed no row. ``UPDATE … RETURNING``: PostgreSQL,
+        and SQLite from 3.35 (https://www.sqlite.org/lang_returning.html).
+        """
+        connection = connections[using]
+        with connection.cursor() as cursor:
+            cursor.execute(self.sql(connection), self._params(values, connection))
+            row = cursor.fetchone()
+        if row is None:
+            return None
+        return tuple(_from_db(field, value, connection) for field, value in zip(self.returns, row, strict=True))
+
+    def _params(self, values: tuple, connection: BaseDatabaseWrapper) -> list:
+        return [field.get_db_prep_save(value, connection) for field, value in zip(self.fields, values, strict=True)]
+
+
+def _from_db(field: Any, value: Any, connection: BaseDatabaseWrapper) -> Any:
+    """`value` of `field` as a raw cursor read it, through the backend's and the field's converters.
+
+    What the ORM's SQL compiler applies to every value it reads.
+    """
+    column = field.get_col(field.model._meta.db_table)
+    for converter in connection.ops.get_db_converters(column) + field.get_db_converters(connection):
+        value = converter(value, column, connection)
+    return value
 
 
 def _insert_sql(model: type[Model], connection: BaseDatabaseWrapper, rows: list[Model], *, with_pk: bool):

@@ -13,7 +13,8 @@ with messages waiting and no consumer, or (on the embedded broker, which can
 tell) none that took a message for CONSUMER_STALL_SECONDS, is "stalled". That
 is a worker problem, not the web's: it is reported, and does not make the web
 process unready (a load balancer would otherwise take every web process away
-while orders can still be taken and wait for the worker).
+while orders can still be taken and wait for the worker). On quorum queues
+"dead_letters" names a non-empty dead-letter queue the same way (project/deadletter.py).
 """
 
 import logging
@@ -30,7 +31,7 @@ from django.http import JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
-from project import broker, broker_publish
+from project import broker, broker_publish, deadletter, queues
 from project.broker_publish import BrokerBlocked, BrokerUnavailable
 from project.celery import app
 from project.http.errors import outage_of
@@ -211,6 +212,20 @@ def _queue_states_on(connection, claimed_root: Path | None) -> dict[str, str]:
     return states
 
 
+def dead_letter_state() -> str:
+    """ "empty", "<n> dead message(s): manage.py deadletter list", or "error: …" (quorum queues on RabbitMQ only).
+
+    Named, never fatal to readiness: a dead message waits for an operator
+    (docs/operations.md, "Dead letters"), the service still takes orders.
+    """
+    try:
+        count = deadletter.depth()
+    except Exception as exc:  # reported like the queues' states
+        logger.warning("dead-letter check failed: %s", exc)
+        return f"error: {type(exc).__name__}"
+    return f"{count} dead message(s) in {queues.DEAD_LETTER_QUEUE}: manage.py deadletter list" if count else "empty"
+
+
 def readiness_checks() -> dict[str, str]:
     """{"database:<alias>": …, "broker": …, "disk": …}: "ok" or "<state>: <why>" (`_failure`).
 
@@ -250,4 +265,6 @@ def readyz(request):
         except Exception as exc:  # reported, never fatal: see the module docstring
             logger.warning("queue check failed: %s", exc)
             body["queues"] = {"error": type(exc).__name__}
+        if settings.QUORUM_QUEUES:
+            body["dead_letters"] = dead_letter_state()
     return JsonResponse(body, status=200 if ready else 503)

@@ -26,6 +26,7 @@ idempotent) instead of failing the order (docs/celery.md 17).
 """
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from django.conf import settings
 from kombu.exceptions import OperationalError as BrokerOperationalError
 
+from project import tracing
 from project.db.errors import database_fault
 from project.http.errors import ApplicationError
 from project.lines import InvalidLines, NotPositiveInt, OrderLines, positive_int
@@ -54,6 +56,18 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (BrokerOperationalError, AMQPEr
 
 #: The longest text of an exception kept in a reason.
 REASON_CHARS = 300
+
+# Why an order was cancelled, as a class (docs/design.md, "Outcomes"): the reason says it in words.
+#: a service refused the order (insufficient stock, an unknown product: an ApplicationError of a step)
+CAUSE_REFUSED = "refused"
+#: its owner or a staff user cancelled it (API or admin)
+CAUSE_USER = "user"
+#: its deadline passed (ORDER_DEADLINE_SECONDS) before the saga could complete
+CAUSE_DEADLINE = "deadline"
+#: a step failed for good on a fault that is neither a refusal nor passing (a DataError, a bug):
+#: passing faults of the database or the broker are retried and never land here
+CAUSE_INFRASTRUCTURE = "infrastructure"
+CAUSES = (CAUSE_REFUSED, CAUSE_USER, CAUSE_DEADLINE, CAUSE_INFRASTRUCTURE)
 
 
 class SagaAborted(Exception):
@@ -85,13 +99,20 @@ def backoff_seconds(retries: int) -> float:
 
     Exponential (SAGA_RETRY_BACKOFF_SECONDS × 2^retries), capped at
     SAGA_RETRY_BACKOFF_MAX_SECONDS, with jitter over the upper half so
-    steps that failed together do not retry together.
+    steps that failed together do not retry together. On quorum queues
+    (settings.QUORUM_QUEUES) rounded up to whole seconds, at least 1.
     """
     ceiling = min(
         settings.SAGA_RETRY_BACKOFF_MAX_SECONDS,
         settings.SAGA_RETRY_BACKOFF_SECONDS * (2 ** min(retries, 32)),
     )
-    return random.uniform(ceiling / 2, ceiling)
+    delay = random.uniform(ceiling / 2, ceiling)
+    if settings.QUORUM_QUEUES:
+        # Native delayed delivery counts whole seconds (kombu's calculate_routing_key takes
+        # int(countdown)), and Celery 5.7 raises ValueError for 0 < countdown < 1 on quorum
+        # queues: round up, so the message never arrives before its ETA and waits in a worker.
+        return float(math.ceil(delay))
+    return delay
 
 
 def human_duration(seconds: float) -> str:
@@ -196,12 +217,14 @@ class SagaStep(Task):
             # A poison message: refuse it once, loudly, without requeueing.
             logger.error("%s rejected a malformed message %s: %s", self.name, self.request.id, exc)
             raise Reject(str(exc), requeue=False) from exc
+        # The step's span (the Celery instrumentation's) names the order and the step.
+        tracing.annotate(order_id=order_id, saga_step=self.name.rpartition(".")[2])
         deadline = _deadline_arg(deadline)
         placed_at = _deadline_arg(placed_at)
         # On the request, not the task: a threads pool runs several at once.
         self.request.saga_allowed = (deadline - placed_at) if deadline is not None and placed_at is not None else None
         if self._past(deadline):
-            self._fail(order_id, self._deadline_reason(last_error or "no earlier error"), None)
+            self._fail(order_id, self._deadline_reason(last_error or "no earlier error"), None, CAUSE_DEADLINE)
         try:
             faults.inject(self.name, order_id)
             result = call()
@@ -212,12 +235,12 @@ class SagaStep(Task):
             raise Ignore() from exc
         except ApplicationError as exc:
             logger.warning("%s for order %s failed: %s", self.name, order_id, exc)
-            self._fail(order_id, str(exc), exc)
+            self._fail(order_id, str(exc), exc, CAUSE_REFUSED)
         except Exception as exc:
             if is_transient(exc):
                 self._retry(order_id, exc, deadline)
             logger.exception("%s for order %s failed", self.name, order_id)
-            self._fail(order_id, f"{self.name} failed: {describe(exc)}", exc)
+            self._fail(order_id, f"{self.name} failed: {describe(exc)}", exc, CAUSE_INFRASTRUCTURE)
         self._continue(order_id, deadline)
         return result
 
@@ -245,7 +268,7 @@ class SagaStep(Task):
         """Run the step again after a backoff; past the deadline, fail the order instead. Always raises."""
         cause = describe(exc)
         if self._past(deadline):
-            self._fail(order_id, self._deadline_reason(cause), exc)
+            self._fail(order_id, self._deadline_reason(cause), exc, CAUSE_DEADLINE)
         countdown = backoff_seconds(self.request.retries)
         kwargs = {**(self.request.kwargs or {}), "last_error": cause}
         retry = self.signature_from_request(
@@ -264,14 +287,19 @@ class SagaStep(Task):
         )
         raise Retry(exc=exc, when=countdown, sig=retry) from exc
 
-    def _fail(self, order_id: int, reason: str, exc: BaseException | None) -> None:
-        """End the order's saga here for `reason`: note it, compensate with it, and fail the task. Always raises."""
+    def _fail(self, order_id: int, reason: str, exc: BaseException | None, cause: str) -> None:
+        """End the order's saga here for `reason` (one of CAUSES): note it, compensate with both, fail the task.
+
+        Always raises.
+        """
         self._note_failure(order_id, reason)
+        self.request.saga_cause = cause  # the failure's class, for project.metrics
+        tracing.annotate(step_outcome="failed", cancel_cause=cause)
         self.request.chain = None
         self.request.errbacks = None  # the reason travels in our own message (messages from older chains had one)
         if self.compensates:
             name, args = "orders.order_compensate", (order_id,)
-            kwargs = signed_kwargs(name, args, {"failure": reason})
+            kwargs = signed_kwargs(name, args, {"failure": reason, "cause": cause})
             compensation = self.app.signature(name, args=args, kwargs=kwargs, immutable=True)
             try:
                 self.publish(compensation)

@@ -1,8 +1,9 @@
 """Which sagas are still in the broker's or a worker's hands: what tells the sweeper a queued saga from a lost one.
 
 A saga's message is somewhere until its step runs: ready in a service queue,
-or held by a worker (prefetched, running, or waiting for a retry's
-countdown). RabbitMQ and the file broker count what is ready per queue and
+waiting out a retry's countdown (on quorum queues in RabbitMQ's delayed-delivery
+queues, on classic queues in a worker), or held by a worker (prefetched or
+running). RabbitMQ and the file broker count what is ready per queue and
 who consumes it; Celery's remote control (``inspect``) lists what each
 worker holds, with the task's arguments. The sweeper re-sends a saga only
 when the answer is certain: every queue it could be in was empty before and
@@ -19,7 +20,7 @@ from pathlib import Path
 from django.conf import settings
 from kombu.exceptions import OperationalError as BrokerOperationalError
 
-from project import broker, broker_publish
+from project import broker, broker_publish, queues
 from project.celery import app
 
 logger = logging.getLogger("orderflow.saga")
@@ -39,6 +40,20 @@ class QueueDepth:
 def saga_queues() -> list[str]:
     """Every queue a saga message can wait in: the services' queues and their compensation queues."""
     return [*settings.SERVICE_QUEUES, *settings.COMPENSATION_QUEUES.values()]
+
+
+def waiting_queues() -> list[str]:
+    """The queues holding saga messages no worker has: `saga_queues`, and on quorum queues the delayed-delivery ones.
+
+    On quorum queues a retry's countdown waits in RabbitMQ (Celery's native
+    delayed delivery: ``celery_delayed_0`` … ``celery_delayed_27``), neither in
+    the step's queue nor in a worker. Those queues are shared by every Celery
+    application on the virtual host and their messages cannot be read without
+    taking them, so any message there counts as possibly one of ours.
+    """
+    if not settings.QUORUM_QUEUES:
+        return saga_queues()
+    return [*saga_queues(), *queues.delayed_delivery_queues()]
 
 
 def queue_depths(queues: Iterable[str]) -> dict[str, QueueDepth]:
@@ -89,20 +104,22 @@ def held_order_ids() -> set[int] | None:
     """The ids of the orders whose saga messages workers hold now, or None when that cannot be known.
 
     None (the sweeper then re-sends nothing this time) when a saga queue has
-    messages ready (a backlog: anything pending may be queued), when a
-    queue's consumers did not all answer within INSPECT_TIMEOUT_SECONDS, or
+    messages ready (a backlog: anything pending may be queued) or, on quorum
+    queues, a retry waits out its countdown in delayed delivery (`waiting_queues`);
+    when a queue's consumers did not all answer within INSPECT_TIMEOUT_SECONDS, or
     when the broker cannot be reached. The queues are read before and after
     the workers are asked, so a message moving from a queue to a worker
     while they are asked is seen in one or the other.
     """
-    queues = saga_queues()
+    consumed = saga_queues()
+    waiting = waiting_queues()
     try:
-        before = queue_depths(queues)
+        before = queue_depths(waiting)
         if any(depth.ready for depth in before.values()):
             return None
         inspect = app.control.inspect(timeout=INSPECT_TIMEOUT_SECONDS)
         consuming = inspect.active_queues() or {}
-        for queue in queues:
+        for queue in consumed:
             answered = sum(1 for items in consuming.values() if any(item.get("name") == queue for item in items))
             if answered < before[queue].consumers:
                 logger.info("saga sweep: %d of %d consumers of %s answered", answered, before[queue].consumers, queue)
@@ -120,7 +137,7 @@ def held_order_ids() -> set[int] | None:
                         order_id = _order_id(task.get("request", task))
                         if order_id is not None:
                             held.add(order_id)
-        after = queue_depths(queues)
+        after = queue_depths(waiting)
         if any(depth.ready for depth in after.values()):
             return None
         return held

@@ -237,6 +237,41 @@ def test_a_broker_that_refuses_connections_fails_at_once():
     assert seconds < BOUND
 
 
+def test_a_failover_list_whose_first_node_refuses_publishes_to_the_next_within_the_bound(node):
+    """CELERY_BROKER_URL "amqp://down;amqp://up": each publish, and /readyz's probe, connects to the node that
+    answers (kombu's next alternate after a refused connect), every time; the list is one broker, not in outage."""
+    from testing.instances import free_port
+
+    down = f"amqp://guest:guest@127.0.0.1:{free_port()}//"
+    app = make_app(f"{down};{node.url}")
+    try:
+        results = [send(app) for _ in range(5)]
+        probe_started = time.monotonic()
+        broker_publish.probe(app)  # raises BrokerUnavailable if it stuck to the refusing node
+        probe_seconds = time.monotonic() - probe_started
+        state = broker_publish.broker_state(app)
+    finally:
+        app.close()
+
+    assert [outcome for outcome, _ in results] == ["ok"] * 5, results
+    assert max(seconds for _, seconds in results) < BOUND, results
+    assert probe_seconds < BOUND
+    assert state is None
+
+
+def test_a_failover_list_with_no_node_up_fails_within_the_bound():
+    from testing.instances import free_port
+
+    app = make_app(";".join(f"amqp://guest:guest@127.0.0.1:{free_port()}//" for _ in range(3)))
+    try:
+        first, second = send(app), send(app)
+    finally:
+        app.close()
+
+    assert first[0] == second[0] == "BrokerUnavailable"
+    assert first[1] < BOUND and second[1] < AT_ONCE  # the second: the outage is known
+
+
 @pytest.mark.django_db(transaction=True)
 def test_an_on_commit_publish_that_cannot_go_out_is_one_warning_line(app, node, caplog):
     """The web's robust on-commit publish (orders, a cancel, product events): one line, no traceback."""

@@ -40,6 +40,25 @@ def test_a_statement_quotes_the_models_names_and_counts_the_rows_it_changed():
     )
 
 
+STOCK_TAKEN = Statement(
+    Product,
+    "UPDATE {table} SET {stock} = {stock} - %s WHERE {id} = %s AND {stock} >= %s RETURNING {stock}, {created_at}",
+    params=["stock", "id", "stock"],
+    returns=["stock", "created_at"],
+)
+
+
+def test_a_statement_returning_fields_gives_the_changed_row_converted_as_the_orm_reads_it():
+    product = Product.objects.using(DB).create(sku="s-2", name="Held", price=Decimal("1.00"), stock=5)
+
+    assert STOCK_TAKEN.fetch(2, product.pk, 2, using=DB) == (3, product.created_at)
+    stock, created_at = STOCK_TAKEN.fetch(3, product.pk, 3, using=DB)
+    assert stock == 0 and created_at.tzinfo is not None  # aware on SQLite too, where the cursor gives text
+    assert STOCK_TAKEN.fetch(1, product.pk, 1, using=DB) is None  # the condition held no row: nothing changed
+    product.refresh_from_db(using=DB)
+    assert product.stock == 0
+
+
 def test_a_statement_with_a_misspelt_name_fails_when_it_is_built():
     with pytest.raises(KeyError):
         Statement(Product, "UPDATE {table} SET {stok} = %s WHERE {id} = %s", params=["stock", "id"])

@@ -64,9 +64,16 @@ def test_ready_on_the_configured_databases_and_broker(client):
     assert response.status_code == 200, response.content
     body = response.json()
     queues = body.pop("queues")
+    dead_letters = body.pop("dead_letters", None)
     assert body == {"status": "ok", "checks": {**all_databases_ok(), "broker": "ok", **disk_ok()}}
     # Reported, not judged here: earlier tests may have left messages behind.
     assert set(queues) == set(settings.SERVICE_QUEUES)
+    if settings.QUORUM_QUEUES:  # the dead-letter queue, named (project/deadletter.py)
+        assert dead_letters == "empty" or re.fullmatch(
+            r"\d+ dead message\(s\) in orderflow\.dead-letter: .*", dead_letters
+        )
+    else:
+        assert dead_letters is None
     assert all(state in ("ok", "idle") or state.startswith("stalled: ") for state in queues.values()), queues
     assert "no-cache" in response["Cache-Control"] or "max-age=0" in response["Cache-Control"]
 

@@ -20,7 +20,7 @@ from project.logging import JsonFormatter, RoutineTaskFilter, TaskContextFilter
 from project.saga import SagaStep
 from testing import BASE_DIR, Workers, signed, wait_for
 
-REQUIRED = {"timestamp", "level", "logger", "message"}
+REQUIRED = {"timestamp", "level", "logger", "message", "process", "pid"}
 
 
 def capture(logger_name: str) -> tuple[logging.Logger, io.StringIO]:
@@ -55,6 +55,7 @@ def test_a_record_is_one_json_line_with_the_required_fields():
     assert entry["product_id"] == 3  # extra= fields are kept
     assert "ValueError: line one\\nline two" in json.dumps(entry["exception"])
     assert entry["timestamp"].endswith("+00:00")
+    assert (entry["process"], entry["pid"]) == ("MainProcess", os.getpid())
     assert "task_id" not in entry  # not inside a task
 
 
@@ -220,6 +221,20 @@ def test_the_workers_own_task_records_carry_the_task_outside_it():
     assert entry["task_name"] == "inventory.stock_reserve"
 
 
+def test_the_workers_received_record_names_the_order_and_hides_the_proof():
+    # What Celery passes: the arguments' repr (celery.worker.request.Request.info(safe=True)).
+    logger, stream = capture(f"test.logging.{uuid.uuid4().hex}")
+    kwargs = "{'order_id': 42, 'lines': [{'product': 3, 'quantity': 1}], 'proof': 'c2VjcmV0LWhtYWM='}"
+    data = {"id": "abc", "name": "inventory.stock_reserve", "kwargs": kwargs}
+
+    logger.info("Task x[abc] received", extra={"data": data})
+
+    [entry] = lines(stream)
+    assert entry["order_id"] == 42
+    assert "c2VjcmV0LWhtYWM" not in json.dumps(entry)
+    assert "'proof': '…'" in entry["data"]["kwargs"]
+
+
 # --- the routine sweep stays quiet at INFO -------------------------------------------------
 
 
@@ -272,3 +287,58 @@ def test_the_routine_sweep_is_silent_at_info(record):
 )
 def test_everything_else_is_kept(record):
     assert RoutineTaskFilter().filter(record) is True
+
+
+# A process traced as tracing.setup traces it, exporting to a port nothing listens on: `batches` export
+# batches fail, then, once the interval has passed, `more` others. It prints how many lines were held back.
+_UNREACHABLE_COLLECTOR = """
+import json, sys, time
+import django
+django.setup()
+from opentelemetry import trace
+from project import tracing
+
+tracing.EXPORT_FAILURE_INTERVAL_SECONDS = {interval}
+assert tracing.setup("worker")
+tracer = trace.get_tracer("test")
+started = time.monotonic()
+for batches in ({batches}, {more}):
+    for number in range(batches):
+        with tracer.start_as_current_span(f"span {{number}}"):
+            pass
+        trace.get_tracer_provider().force_flush()  # one export batch, which fails
+    if batches == {batches}:
+        assert time.monotonic() - started < {interval}, "the first batches took longer than the interval"
+        time.sleep({interval} + 0.2)
+tracing.shutdown()
+print(json.dumps({{"held": tracing.export_failures.held_total}}))
+"""
+
+
+def test_an_unreachable_collector_is_one_warning_a_minute_not_a_line_per_batch():
+    """OTLP export to a closed port: the exporter logs an error for every batch (and a warning per retry);
+    one warning goes through, then one an interval (60 s; 3 s here) saying how many were held back."""
+    closed = _free_port()  # bound, then closed: nothing listens there
+    code = _UNREACHABLE_COLLECTOR.format(interval=3, batches=30, more=5)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=BASE_DIR, capture_output=True, text=True, timeout=120,
+        env=_env(
+            LOG_FORMAT="json", OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{closed}",
+            OTEL_EXPORTER_OTLP_TIMEOUT="0.5",  # seconds: each batch gives up at once, no backoff
+        ),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+    entries = [json.loads(line) for line in result.stderr.splitlines()]
+    assert all(set(e) >= REQUIRED for e in entries)
+    exporting = [e for e in entries if e["logger"].startswith("opentelemetry")]
+    assert [e["level"] for e in exporting] == ["WARNING", "WARNING"], exporting
+    assert all("exception" not in e for e in exporting)
+    first, later = (e["message"] for e in exporting)
+    assert "Failed to export spans batch" in first
+    assert first.endswith("(further span export failures are logged at most once every 3 s)")
+    held = int(re.search(r"\((\d+) more span export failure lines held back since the last one; ", later).group(1))
+    assert later.endswith("; logged at most once every 3 s)")
+    assert held >= 29  # every other batch of the first 30 failed too, each logging at least once
+    total = json.loads(result.stdout)["held"]
+    assert total >= 29 + 4, total  # 35 batches failed; 2 lines were written

@@ -8,6 +8,7 @@ errors called directly on a registered task with a pushed request context.
 
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -35,6 +36,9 @@ BASE_DIR = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def backoff(settings):
+    # Classic queues: the delay is the jittered window itself (quorum rounding is tested below),
+    # whichever broker this suite runs against.
+    settings.QUORUM_QUEUES = False
     settings.SAGA_RETRY_BACKOFF_SECONDS = 0.5
     settings.SAGA_RETRY_BACKOFF_MAX_SECONDS = 30.0
 
@@ -63,11 +67,23 @@ def test_backoff_is_jittered(backoff):
     assert len({backoff_seconds(3) for _ in range(50)}) > 1
 
 
-def test_backoff_follows_settings(settings):
+def test_backoff_follows_settings(backoff, settings):
     settings.SAGA_RETRY_BACKOFF_SECONDS = 0.05
     settings.SAGA_RETRY_BACKOFF_MAX_SECONDS = 0.2
 
     assert all(backoff_seconds(r) <= 0.2 for r in range(10) for _ in range(20))
+
+
+@pytest.mark.parametrize("retries", range(8))
+def test_backoff_on_quorum_queues_is_whole_seconds_never_before_the_window(backoff, settings, retries):
+    # native delayed delivery counts whole seconds (project/saga/__init__.py backoff_seconds)
+    settings.QUORUM_QUEUES = True
+    ceiling = min(30.0, 0.5 * 2**retries)
+
+    samples = [backoff_seconds(retries) for _ in range(200)]
+
+    assert all(s == int(s) and s >= 1 for s in samples)
+    assert all(max(1, ceiling / 2) <= s <= max(1, math.ceil(ceiling)) for s in samples)
 
 
 # --- order_id_arg -------------------------------------------------------------
@@ -172,7 +188,7 @@ def test_run_step_notes_a_business_error_and_compensates_with_the_reason_in_the_
         step(6, refused)
 
     assert reason(6) == "no stock for you"
-    assert compensations(step) == [{"failure": "no stock for you"}]
+    assert compensations(step) == [{"failure": "no stock for you", "cause": "refused"}]
 
 
 @pytest.mark.django_db
@@ -183,7 +199,9 @@ def test_run_step_treats_a_fault_of_the_data_or_the_code_as_a_failure_that_names
     with pytest.raises(DataError):
         step(12, overflow)
 
-    assert compensations(step) == [{"failure": "inventory.stock_reserve failed: DataError: numeric field overflow"}]
+    assert compensations(step) == [
+        {"failure": "inventory.stock_reserve failed: DataError: numeric field overflow", "cause": "infrastructure"}
+    ]
 
 
 @pytest.mark.django_db
@@ -238,7 +256,7 @@ def test_run_step_past_the_deadline_compensates_saying_so(step):
         step(8, transient, deadline=time.time() - 1, placed_at=time.time() - 3601)
 
     expected = "order deadline passed after 1 h: inventory.stock_reserve could not complete (no earlier error)"
-    assert compensations(step) == [{"failure": expected}]
+    assert compensations(step) == [{"failure": expected, "cause": "deadline"}]
 
 
 @pytest.mark.django_db
@@ -255,7 +273,7 @@ def test_run_step_that_hits_the_deadline_while_retrying_names_the_error(step):
 
     assert compensations(step) == [
         {"failure": "order deadline passed after 2 h: inventory.stock_reserve could not complete "
-         "(OperationalError: database gone)"}
+         "(OperationalError: database gone)", "cause": "deadline"}
     ]  # fmt: skip
 
 

@@ -9,6 +9,7 @@ answering there, they are skipped; set, they fail.
 import http.client
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -251,12 +252,17 @@ def test_parallel_clients_get_at_most_the_limit_through(web, user, make_product)
 
     shares = [ATTEMPTS // PARALLEL_CLIENTS + (i < ATTEMPTS % PARALLEL_CLIENTS) for i in range(PARALLEL_CLIENTS)]
     threads = [threading.Thread(target=client, args=(share,)) for share in shares]
+    started = time.monotonic()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
+    took = time.monotonic() - started
 
     assert sum(statuses.values()) == ATTEMPTS, (statuses, web.workers.tail("web"))
     assert set(statuses) <= {202, 429}, (statuses, web.workers.tail("web"))
-    assert LIMIT <= statuses[202] <= LIMIT * 1.05, statuses
-    assert "throttle cache failed" not in web.workers.tail("web", chars=10**7)
+    # A failed step lets its request through (project/http/throttles.py): say so before counting.
+    log = web.workers.tail("web", chars=10**7)
+    assert "throttle cache failed" not in log, log[-5000:]
+    # The burst, plus what the rate gives back while the requests last (RATE: one every 30 s).
+    assert LIMIT <= statuses[202] <= LIMIT + math.ceil(took * LIMIT / 3600), (statuses, f"{took:.1f} s")

@@ -105,6 +105,29 @@ class Command(BaseCommand):
         spawn.add_argument("--web-workers", type=_positive_int, default=2, help="gunicorn --workers")
         spawn.add_argument("--web-threads", type=_positive_int, default=4, help="gunicorn --threads")
         spawn.add_argument("--no-access-log", action="store_true", help="gunicorn without --access-logfile -")
+        observe = parser.add_argument_group("metrics and tracing in the spawned processes (--spawn)")
+        observe.add_argument(
+            "--metrics",
+            action="store_true",
+            help="each process group counts and serves its metrics as make run sets it up (a multiprocess "
+            "folder and a loopback port each), scraped every --scrape-interval; with --via service the orders "
+            "are placed, and counted, in the bench's own process, which serves nothing",
+        )
+        observe.add_argument(
+            "--metrics-out",
+            metavar="FILE",
+            default=None,
+            help="write every scrape's samples to FILE as JSON (implies --metrics; scripts/plot_metrics.py draws it)",
+        )
+        observe.add_argument(
+            "--scrape-interval", type=float, default=1.0, help="seconds between scrapes of each group (default 1)"
+        )
+        observe.add_argument(
+            "--tracing",
+            action="store_true",
+            help="every process exports its spans (OTEL_EXPORTER_OTLP_ENDPOINT) to an OTLP/HTTP sink in the "
+            "bench, which counts them",
+        )
 
     def run_from_argv(self, argv):
         self.argv = argv  # to run itself again in a world of its own
@@ -177,6 +200,10 @@ class Command(BaseCommand):
             web_workers=o["web_workers"],
             web_threads=o["web_threads"],
             web_access_log=not o["no_access_log"],
+            metrics=o["metrics"] or bool(o["metrics_out"]),
+            tracing=o["tracing"],
+            metrics_out=o["metrics_out"],
+            scrape_interval=o["scrape_interval"],
             log=self.log,
             # A live progress line only for a person watching a terminal.
             progress=self._draw if self.stdout.isatty() and not o["json"] else None,
