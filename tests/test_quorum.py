@@ -209,7 +209,7 @@ def test_a_web_on_queues_of_another_type_stops_instead_of_restarting_for_ever(ra
     done = subprocess.run(command, cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=120, check=False)
 
     said = done.stdout + done.stderr
-    assert done.returncode == 3, said
+    assert done.returncode == 3, f"gunicorn exited {done.returncode}; its output ends:\n{said[-4000:]}"
     assert "Worker failed to boot" in said
     assert "web not started: queue 'orders' exists on the broker with other arguments" in said
     assert said.count("web not started: queue") <= 2, said  # each worker once at most: no restart loop
